@@ -1,0 +1,1 @@
+"""llmuxctl: the command-line client of llmuxd's control socket."""
