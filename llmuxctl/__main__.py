@@ -1,0 +1,3 @@
+from llmuxctl.cli import main
+
+main()

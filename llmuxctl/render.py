@@ -1,0 +1,56 @@
+"""Human output for llmuxctl: the status table and progress lines."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+STATE_COLOURS = {"active": "green", "failed": "red", "starting": "yellow", "waking": "yellow",
+                 "restarting": "red", "stopping": "yellow", "draining": "yellow"}
+
+
+def ago(since: float | None) -> str:
+    if not since:
+        return "-"
+    seconds = max(0, time.time() - since)
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def status_table(status: dict, colour: bool) -> str:
+    rows = [("MODEL", "STATE", "LEVEL", "PID", "PORT", "SINCE", "NOTE")]
+    for name, m in status.get("models", {}).items():
+        notes = []
+        if m.get("restart_pending"):
+            notes.append("restart pending")
+        if m.get("removal_pending"):
+            notes.append("removal pending")
+        if m.get("last_error"):
+            notes.append(m["last_error"])
+        rows.append((name, m.get("state", "?"), str(m.get("asleep_level") or m.get("sleep_level")),
+                     str(m.get("pid") or "-"), str(m.get("port", "-")), ago(m.get("since")),
+                     "; ".join(notes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    lines = []
+    for i, row in enumerate(rows):
+        cells = [row[c].ljust(widths[c]) for c in range(6)]
+        if colour and i > 0:
+            cells[1] = click.style(cells[1], fg=STATE_COLOURS.get(row[1]))
+        lines.append("  ".join(cells + [row[6]]).rstrip())
+    job = status.get("job")
+    footer = [f"active: {status.get('active') or '-'}"]
+    if job:
+        footer.append(f"running: {job['kind']} {job.get('model') or ''} "
+                      f"({job.get('phase') or 'starting'}, {job['elapsed']:.1f}s)")
+    error = (status.get("config") or {}).get("error")
+    if error:
+        footer.append("catalog error (last good catalog in force):\n  " + error.replace("\n", "\n  "))
+    return "\n".join(lines + [""] + footer)
+
+
+def progress(event: dict) -> str:
+    return f"[{event.get('elapsed', 0):7.2f}s] {event.get('model', '')}: {event.get('phase', '')}"

@@ -1,0 +1,3 @@
+from llmuxd.cli import main
+
+main()

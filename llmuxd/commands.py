@@ -1,0 +1,181 @@
+"""What each control command means: status, swap, sleep, stop, reload, logs, ping.
+
+Requests arrive as raw lines from control.py; replies go back on the client.
+Commands that change which model holds the GPU run as jobs, one at a time: a
+second one while a job runs is refused with `busy`, naming what runs. Errors
+are one line; nothing a client sends can raise out of here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from . import __version__, launch
+from . import states as S
+from .protocol import ProtocolError, decode_request
+from .swap import sleep_plan, stop_plan, swap_plan
+
+log = logging.getLogger(__name__)
+FOLLOW_POLL = 0.2
+MAX_TAIL = 10_000
+
+
+class CommandError(Exception):
+    pass
+
+
+class Commands:
+    def __init__(self, daemon) -> None:
+        self.d = daemon
+        self.followers: dict = {}  # client -> [path, offset]
+        self._follow_timer = None
+
+    def handle(self, client, line: bytes) -> None:
+        try:
+            request = decode_request(line)
+            handler = getattr(self, "cmd_" + request["cmd"], None)
+            if handler is None:
+                raise CommandError(f"command {request['cmd']!r} is not available in this build")
+            handler(client, request)
+        except (ProtocolError, CommandError) as exc:
+            client.finish({"ok": False, "error": str(exc)})
+        except Exception as exc:
+            log.exception("command failed: %r", line[:200])
+            client.finish({"ok": False, "error": f"internal error: {exc}"})
+
+    # -- helpers ----------------------------------------------------------------
+    def _model(self, request) -> str:
+        name = request.get("model")
+        if not isinstance(name, str) or not name:
+            raise CommandError("missing \"model\"")
+        if name not in self.d.runtimes:
+            known = ", ".join(self.d.runtimes) or "none"
+            raise CommandError(f"unknown model {name!r} (known: {known})")
+        return name
+
+    def _exclusive(self, client, what: str) -> None:
+        if self.d.shutting_down:
+            raise CommandError("refused: llmuxd is shutting down")
+        job = self.d.job
+        if job is not None:
+            elapsed = time.monotonic() - job.started
+            raise CommandError(f"busy: {job.describe()} in progress ({elapsed:.1f}s, phase "
+                               f"{job.phase or 'starting'}); try again when it finishes")
+        log.info("%s asked by uid %s pid %s", what, client.peer_uid, client.peer_pid)
+
+    # -- commands -----------------------------------------------------------------
+    def cmd_ping(self, client, request) -> None:
+        client.finish({"ok": True, "version": __version__, "pid": os.getpid()})
+
+    def cmd_status(self, client, request) -> None:
+        client.finish({"ok": True, **self.status()})
+
+    def status(self) -> dict:
+        d = self.d
+        models = {}
+        for name, rt in d.runtimes.items():
+            spec = d.spec_in_use(name)
+            models[name] = {**rt.as_status(), "model": spec.model, "port": spec.port,
+                            "sleep_level": spec.sleep_level}
+        job = None
+        if d.job is not None:
+            job = {"kind": d.job.kind, "model": d.job.model, "phase": d.job.phase,
+                   "elapsed": round(time.monotonic() - d.job.started, 3)}
+        return {"active": d.active(), "models": models, "job": job,
+                "config": {"path": d.config_path, "error": d.config_error},
+                "daemon": {"pid": os.getpid(), "version": __version__,
+                           "uptime": round(time.monotonic() - d.started, 3),
+                           "shutting_down": d.shutting_down}}
+
+    def cmd_swap(self, client, request) -> None:
+        name = self._model(request)
+        self._exclusive(client, f"swap to {name}")
+        if self.d.runtimes[name].state == S.ACTIVE:
+            client.finish({"ok": True, "model": name, "message": f"{name} is already active"})
+            return
+        self.d.start_job("swap", name, swap_plan(self.d, name, bool(request.get("force"))), client)
+
+    def cmd_sleep(self, client, request) -> None:
+        name = self._model(request)
+        level = request.get("level")
+        if level is not None and (not isinstance(level, int) or isinstance(level, bool)
+                                  or not 1 <= level <= 5):
+            raise CommandError("level must be an integer from 1 to 5")
+        self._exclusive(client, f"sleep {name}")
+        self.d.start_job("sleep", name, sleep_plan(self.d, name, level, bool(request.get("force"))),
+                         client)
+
+    def cmd_stop(self, client, request) -> None:
+        name = self._model(request)
+        self._exclusive(client, f"stop {name}")
+        self.d.start_job("stop", name, stop_plan(self.d, name), client)
+
+    def cmd_reload(self, client, request) -> None:
+        if self.d.shutting_down:
+            raise CommandError("refused: llmuxd is shutting down")
+        log.info("reload asked by uid %s pid %s", client.peer_uid, client.peer_pid)
+        ok, message = self.d.reload()
+        client.finish({"ok": ok, ("message" if ok else "error"): message})
+
+    def cmd_shutdown(self, client, request) -> None:
+        log.info("shutdown asked by uid %s pid %s", client.peer_uid, client.peer_pid)
+        client.finish({"ok": True, "message": "shutting down"})
+        self.d.shutdown()
+
+    def cmd_logs(self, client, request) -> None:
+        name = self._model(request)
+        lines = request.get("lines", 50)
+        if not isinstance(lines, int) or isinstance(lines, bool) or not 0 <= lines <= MAX_TAIL:
+            raise CommandError(f"lines must be an integer from 0 to {MAX_TAIL}")
+        path = launch.log_path(self.d.catalog.daemon, name)
+        text, offset = tail(path, lines)
+        if not request.get("follow"):
+            client.finish({"ok": True, "model": name, "path": path, "text": text})
+            return
+        client.busy = True
+        client.send({"event": "log", "model": name, "text": text})
+        self.followers[client] = [path, offset]
+        if self._follow_timer is None:
+            self._follow_timer = self.d.reactor.call_later(FOLLOW_POLL, self._follow)
+
+    def _follow(self) -> None:
+        self._follow_timer = None
+        for client, entry in list(self.followers.items()):
+            path, offset = entry
+            try:
+                with open(path, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < offset:
+                        offset = 0  # truncated or replaced
+                    f.seek(offset)
+                    data = f.read(256 * 1024)
+            except OSError:
+                continue
+            if data:
+                entry[1] = offset + len(data)
+                client.send({"event": "log", "text": data.decode("utf-8", "replace")})
+        if self.followers:
+            self._follow_timer = self.d.reactor.call_later(FOLLOW_POLL, self._follow)
+
+    def forget_client(self, client) -> None:
+        self.followers.pop(client, None)
+
+
+def tail(path: str, lines: int) -> tuple[str, int]:
+    """The last `lines` lines of a file and the offset of its end."""
+    try:
+        with open(path, "rb") as f:
+            end = f.seek(0, os.SEEK_END)
+            start = max(0, end - max(lines, 1) * 512 - 4096)
+            f.seek(start)
+            data = f.read(end - start)
+    except OSError:
+        return "", 0
+    chunks = data.split(b"\n")
+    if data.endswith(b"\n"):
+        chunks = chunks[:-1]
+    kept = chunks[-lines:] if lines else []
+    text = b"\n".join(kept).decode("utf-8", "replace")
+    return (text + "\n" if kept else ""), end

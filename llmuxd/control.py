@@ -1,0 +1,199 @@
+"""The control socket server: listening, per-client buffers, limits.
+
+Owns the AF_UNIX listening socket and one `Client` per connection. Complete
+request lines go to `on_request(client, line)`; replies are queued on the
+client and written as the socket allows, so a client that never reads can
+never block the loop (its queue is capped, then it is dropped). Bounded line
+length, a maximum number of clients, and an idle timeout keep one bad client
+from stalling the rest. What a request means is the daemon's business.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import time
+from typing import Callable
+
+from .protocol import MAX_LINE, LineBuffer, ProtocolError, encode
+
+log = logging.getLogger(__name__)
+
+MAX_CLIENTS = 512
+MAX_QUEUED = 4 * 1024 * 1024   # bytes of unsent replies before a client is dropped
+IDLE_TIMEOUT = 60.0            # seconds without a request, unless it waits on something
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+class Client:
+    def __init__(self, server: "ControlServer", sock: socket.socket) -> None:
+        self.server = server
+        self.sock = sock
+        self.buffer = LineBuffer(MAX_LINE)
+        self.out = bytearray()
+        self.closed = False
+        self.close_when_flushed = False
+        self.busy = False          # waiting on a job or following logs: not idle
+        self.last_active = time.monotonic()
+        try:
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            self.peer_pid, self.peer_uid, self.peer_gid = (int.from_bytes(creds[i:i + 4], "little")
+                                                           for i in (0, 4, 8))
+        except OSError:
+            self.peer_pid = self.peer_uid = self.peer_gid = -1
+
+    def __repr__(self) -> str:
+        return f"<client pid={self.peer_pid} uid={self.peer_uid}>"
+
+    def send(self, obj: dict) -> None:
+        if self.closed:
+            return
+        self.out += encode(obj)
+        if len(self.out) > MAX_QUEUED:
+            log.warning("dropping %r: it does not read its replies", self)
+            self.close()
+            return
+        self._flush()
+
+    def finish(self, obj: dict) -> None:
+        """Send the final reply of a request; the connection stays open for more."""
+        self.busy = False
+        self.send(obj)
+
+    def _flush(self) -> None:
+        while self.out and not self.closed:
+            try:
+                sent = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                self.server.reactor.add_writer(self.sock, self._flush)
+                return
+            except OSError:
+                self.close()
+                return
+            del self.out[:sent]
+        if not self.closed:
+            self.server.reactor.remove_writer(self.sock)
+            if self.close_when_flushed:
+                self.close()
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        self.last_active = time.monotonic()
+        try:
+            lines = self.buffer.feed(data)
+        except ProtocolError as exc:
+            self.send({"ok": False, "error": str(exc)})
+            self.close_when_flushed = True
+            self._flush()
+            return
+        for line in lines:
+            if self.closed:
+                return
+            self.server.on_request(self, line)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.server.reactor.forget(self.sock)
+        self.sock.close()
+        self.server.clients.discard(self)
+        for hook in self.server.on_close:
+            hook(self)
+
+
+class ControlServer:
+    def __init__(self, reactor, path: str, mode: int,
+                 on_request: Callable[[Client, bytes], None]) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.mode = mode
+        self.on_request = on_request
+        self.on_close: list[Callable[[Client], None]] = []
+        self.clients: set[Client] = set()
+        self.sock: socket.socket | None = None
+
+    def start(self) -> None:
+        parent = os.path.dirname(self.path) or "."
+        os.makedirs(parent, mode=0o755, exist_ok=True)
+        if os.path.exists(self.path) or os.path.islink(self.path):
+            self._remove_stale()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # The mode must hold from the first instant the path exists: no window
+        # in which anyone could connect to a more permissive socket.
+        old = os.umask(0o777 & ~self.mode)
+        try:
+            sock.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, self.mode)
+        sock.listen(128)
+        sock.setblocking(False)
+        self.sock = sock
+        self.reactor.add_reader(sock, self._accept)
+        self._sweep_timer()
+
+    def _remove_stale(self) -> None:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.settimeout(1.0)
+        try:
+            probe.connect(self.path)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK):
+                raise
+            os.unlink(self.path)  # left behind by a daemon that died
+            return
+        finally:
+            probe.close()
+        raise AlreadyRunning(f"another llmuxd is already answering on {self.path}")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.warning("accept failed: %s", exc)
+                return
+            conn.setblocking(False)
+            client = Client(self, conn)
+            if len(self.clients) >= MAX_CLIENTS:
+                client.send({"ok": False, "error": f"too many clients (limit {MAX_CLIENTS})"})
+                client.close()
+                continue
+            self.clients.add(client)
+            self.reactor.add_reader(conn, client.on_readable)
+
+    def _sweep_timer(self) -> None:
+        now = time.monotonic()
+        for client in list(self.clients):
+            if not client.busy and now - client.last_active > IDLE_TIMEOUT:
+                client.close()
+        self.reactor.call_later(5.0, self._sweep_timer)
+
+    def close(self) -> None:
+        for client in list(self.clients):
+            client._flush()
+            client.close()
+        if self.sock is not None:
+            self.reactor.forget(self.sock)
+            self.sock.close()
+            self.sock = None
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass

@@ -1,0 +1,318 @@
+"""The daemon: wires the catalog, the runtime records, the loop and the runner.
+
+It owns all state and runs on one thread. Events arrive from the reactor
+(signals, the control socket, child exits, timers); the daemon turns them into
+jobs (plans run by the runner, one at a time) or into supervision: an active
+model that crashes or stops answering /health is restarted with exponential
+backoff and marked `failed` after a burst; a sleeping model that dies is marked
+`stopped`. A model we asked to stop exiting is not a failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+from . import launch, procs
+from . import states as S
+from .actions import HttpResult, describe_http
+from .catalog import Catalog, CatalogError, load_catalog
+from .commands import Commands
+from .control import ControlServer
+from .http import HttpCall
+from .loop import Reactor
+from .notify import Notifier
+from .runner import Job, Runner
+from .swap import recover_plan, shutdown_plan, swap_plan
+
+log = logging.getLogger(__name__)
+REAP_SWEEP = 1.0  # a lost SIGCHLD heals within a second (tini does the same)
+
+
+class Daemon:
+    def __init__(self, catalog: Catalog) -> None:
+        self.catalog = catalog
+        self.config_path = catalog.path
+        self.config_error: str | None = None
+        self.runtimes: dict[str, S.Runtime] = {n: S.Runtime(n) for n in catalog.models}
+        self.specs_in_use: dict[str, object] = {}
+        self.children: dict[str, procs.Child] = {}
+        self.reactor = Reactor(self._on_signal)
+        self.reaper = procs.Reaper()
+        self.runner = Runner(self)
+        self.notifier = Notifier()
+        self.commands = Commands(self)
+        self.control = ControlServer(self.reactor, catalog.daemon.socket, catalog.daemon.socket_mode,
+                                     self.commands.handle)
+        self.control.on_close.append(self.commands.forget_client)
+        self.job: Job | None = None
+        self.shutting_down = False
+        self.hurry = False
+        self.killed_any = False
+        self.exit_code: int | None = None
+        self.started = time.monotonic()
+        self.is_pid1 = os.getpid() == 1
+
+    # -- lifecycle ---------------------------------------------------------------
+    def run(self) -> int:
+        procs.close_inherited_fds()
+        if not self.is_pid1 and not procs.become_subreaper():
+            log.warning("could not become a child subreaper; orphaned model processes go to init")
+        d = self.catalog.daemon
+        for path in (d.state_dir, d.log_dir):
+            os.makedirs(path, exist_ok=True)
+        self.reactor.install_signals()
+        try:
+            self.control.start()
+            log.info("llmuxd %d listening on %s with %d model(s)", os.getpid(), d.socket,
+                     len(self.catalog.models))
+            self._periodic_reap()
+            self._health_tick()
+            if d.default_model:
+                self.notifier.status(f"starting default model {d.default_model}")
+                self.start_job("swap", d.default_model, swap_plan(self, d.default_model),
+                               on_done=lambda job: self.notifier.ready(self.status_line()))
+            else:
+                self.notifier.ready(self.status_line())
+            while self.exit_code is None:
+                self.reactor.run_once()
+            return self.exit_code
+        finally:
+            self.control.close()
+            self.reactor.close()
+
+    def status_line(self) -> str:
+        active = self.active()
+        return f"active: {active}" if active else "no active model"
+
+    def active(self) -> str | None:
+        for name, rt in self.runtimes.items():
+            if rt.state == S.ACTIVE:
+                return name
+        return None
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            self.reaper.reap()
+        elif signum in (signal.SIGTERM, signal.SIGINT):
+            self.shutdown()
+        elif signum == signal.SIGQUIT:
+            self.shutdown(hurry=True)
+        elif signum == signal.SIGHUP:
+            self.reload()
+        elif signum in (signal.SIGUSR1, signal.SIGUSR2):
+            log.info("received %s: nothing to do", signal.Signals(signum).name)
+
+    def _periodic_reap(self) -> None:
+        self.reaper.reap()
+        self.reactor.call_later(REAP_SWEEP, self._periodic_reap)
+
+    # -- jobs ----------------------------------------------------------------------
+    def start_job(self, kind: str, model: str | None, plan, client=None, on_done=None) -> Job:
+        def done(job: Job) -> None:
+            reply = {"ok": job.ok, "model": job.model,
+                     "elapsed": round(time.monotonic() - job.started, 3), "phases": job.phases}
+            reply["message" if job.ok else "error"] = job.message
+            for waiter in job.waiters:
+                waiter.finish(reply)
+            self.notifier.status(self.status_line())
+            if on_done is not None:
+                on_done(job)
+        job = Job(kind, model, plan, on_done=done)
+        if client is not None:
+            client.busy = True
+            job.waiters.append(client)
+        self.runner.start(job)
+        return job
+
+    def shutdown(self, hurry: bool = False) -> None:
+        if self.shutting_down:
+            if self.hurry:
+                return
+            hurry = True  # a second TERM/INT: short grace, then KILL
+            log.warning("second stop request: killing models now")
+        else:
+            log.info("shutting down: stopping every model")
+        self.shutting_down = True
+        self.hurry = hurry
+        self.notifier.stopping()
+        if self.job is not None:
+            self.runner.abort(self.job, "cancelled: llmuxd is shutting down")
+        self.start_job("shutdown", None, shutdown_plan(self, hurry), on_done=self._shutdown_done)
+
+    def _shutdown_done(self, job: Job) -> None:
+        if self.job is not None or not job.message or job.message.startswith("cancelled"):
+            return  # superseded by a faster shutdown
+        self.reaper.reap()
+        self.exit_code = 0 if job.ok and not self.killed_any else 1
+        log.info("llmuxd exiting with status %d", self.exit_code)
+
+    # -- model processes -----------------------------------------------------------
+    def spec_in_use(self, name: str):
+        return self.specs_in_use.get(name) or self.catalog.models[name]
+
+    def spawn_model(self, name: str) -> str | None:
+        spec = self.catalog.models[name]
+        d = self.catalog.daemon
+        argv = launch.model_argv(d, spec)
+        env = launch.model_env(spec, procs.clean_env(dict(os.environ), {}))
+        path = launch.log_path(d, name)
+        try:
+            os.makedirs(d.log_dir, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {name}: "
+                        f"{' '.join(argv)}\n")
+            child, _ = procs.spawn(argv, env=env, log_path=path, cwd=spec.cwd)
+        except OSError as exc:
+            return f"{argv[0]}: {exc.strerror or exc}"
+        rt = self.runtimes[name]
+        rt.pid, rt.pgid, rt.start_time, rt.exit_reason = child.pid, child.pid, child.start_time, None
+        rt.extra.pop("stop_requested", None)
+        rt.extra.pop("restart_pending", None)
+        self.children[name] = child
+        self.specs_in_use[name] = spec
+        self.reaper.register(child.pid, lambda status: self.on_model_exit(name, child, status))
+        log.info("%s: started pid %d: %s", name, child.pid, " ".join(argv))
+        return None
+
+    def on_model_exit(self, name: str, child: procs.Child, status: int) -> None:
+        procs.mark_reaped(child, status)
+        rt = self.runtimes.get(name)
+        if rt is None or rt.pid != child.pid:
+            return
+        reason = procs.describe_exit(status)
+        rt.exit_reason, rt.pid = reason, None
+        if rt.extra.get("stop_requested"):
+            log.info("%s: pid %d %s (asked to stop)", name, child.pid, reason)
+            return
+        log.warning("%s: pid %d %s unexpectedly (state %s)", name, child.pid, reason, rt.state)
+        if rt.state in (S.ACTIVE, S.SLEEPING, S.SUSPENDED):
+            self.on_crash(name, f"{reason}")
+        # In a transitional state the running plan notices (CheckExited, HTTP).
+
+    def on_crash(self, name: str, reason: str) -> None:
+        rt = self.runtimes[name]
+        if rt.pgid is not None:
+            procs.kill_group(rt.pgid, signal.SIGKILL)  # EngineCore outlives its API server
+        if rt.state == S.ACTIVE:
+            S.advance(rt, S.RESTARTING, error=f"crashed: {reason}")
+            self.schedule_restart(name)
+        else:
+            S.advance(rt, S.STOPPED, error=f"died while {rt.state}: {reason}")
+        self.on_transition(name, None, rt.state)
+
+    def schedule_restart(self, name: str) -> None:
+        rt, d = self.runtimes[name], self.catalog.daemon
+        now = time.monotonic()
+        rt.restarts = [t for t in rt.restarts if now - t < d.restart_window]
+        if len(rt.restarts) >= d.restart_limit or self.shutting_down:
+            if rt.pgid is not None:
+                procs.kill_group(rt.pgid, signal.SIGKILL)
+            S.advance(rt, S.FAILED, error=f"{rt.last_error}; gave up after {len(rt.restarts)} "
+                      f"restart(s) within {d.restart_window:g}s")
+            log.error("%s: %s", name, rt.last_error)
+            return
+        delay = min(60.0, d.restart_backoff * 2 ** len(rt.restarts))
+        rt.restarts.append(now)
+        log.warning("%s: restarting in %.1fs (restart %d of %d)", name, delay, len(rt.restarts),
+                    d.restart_limit)
+        self.reactor.call_later(delay, lambda: self._restart_due(name))
+
+    def _restart_due(self, name: str) -> None:
+        rt = self.runtimes.get(name)
+        if rt is None or rt.state != S.RESTARTING or self.shutting_down:
+            return
+        if self.job is not None:
+            self.reactor.call_later(0.5, lambda: self._restart_due(name))
+            return
+        self.start_job("recover", name, recover_plan(self, name), on_done=self._recover_done)
+
+    def _recover_done(self, job: Job) -> None:
+        rt = self.runtimes.get(job.model)
+        if job.ok or rt is None or rt.state != S.FAILED or self.shutting_down:
+            return
+        S.advance(rt, S.RESTARTING)
+        self.schedule_restart(job.model)
+
+    def on_transition(self, name: str, before: str | None, after: str) -> None:
+        """Hook for every state change (the state file and notifications attach here)."""
+        if after == S.ACTIVE:
+            self.notifier.status(f"active: {name}")
+
+    # -- health of the active model --------------------------------------------------
+    def _health_tick(self) -> None:
+        self.reactor.call_later(self.catalog.daemon.health_interval, self._health_tick)
+        if self.job is not None or self.shutting_down:
+            return
+        for name, rt in self.runtimes.items():
+            if rt.state == S.ACTIVE:
+                spec = self.spec_in_use(name)
+                HttpCall(self.reactor, launch.connect_host(spec), spec.port, "GET", "/health", None,
+                         5.0, lambda result, name=name: self._health_result(name, result))
+
+    def _health_result(self, name: str, result) -> None:
+        rt = self.runtimes.get(name)
+        if rt is None or rt.state != S.ACTIVE or self.job is not None:
+            return
+        if isinstance(result, HttpResult) and result.ok:
+            rt.health_failures = 0
+            return
+        rt.health_failures += 1
+        limit = self.catalog.daemon.health_failures
+        log.warning("%s: health check failed (%d of %d): %s", name, rt.health_failures, limit,
+                    describe_http(result))
+        if rt.health_failures >= limit:
+            S.advance(rt, S.RESTARTING,
+                      error=f"unhealthy: {limit} failed health checks ({describe_http(result)})")
+            self.schedule_restart(name)
+
+    # -- catalog --------------------------------------------------------------------
+    def reload(self) -> tuple[bool, str]:
+        self.notifier.reloading()
+        try:
+            new = load_catalog(self.config_path)
+        except CatalogError as exc:
+            if self.config_error != str(exc):
+                log.error("catalog not reloaded, the last good one stays in force:\n%s", exc)
+            self.config_error = str(exc)
+            self.notifier.send("READY=1", f"STATUS=reload failed: {str(exc).splitlines()[0]}")
+            return False, str(exc)
+        message = self.apply_catalog(new)
+        self.config_error = None
+        self.notifier.ready(self.status_line())
+        return True, message
+
+    def apply_catalog(self, new: Catalog) -> str:
+        """Apply a new catalog as a diff: unchanged models are not touched at all."""
+        old = self.catalog
+        notes = []
+        models = dict(new.models)
+        for name in old.models.keys() - new.models.keys():
+            rt = self.runtimes[name]
+            if rt.state in (S.STOPPED, S.FAILED):
+                del self.runtimes[name]
+                notes.append(f"removed {name}")
+            else:  # still has a process or images: keep its definition until it is stopped
+                models[name] = old.models[name]
+                rt.extra["removal_pending"] = True
+                notes.append(f"{name} will be removed once stopped")
+        for name in new.models.keys() - old.models.keys():
+            self.runtimes[name] = S.Runtime(name)
+            notes.append(f"added {name}")
+        for name in new.models.keys() & old.models.keys():
+            if new.models[name] != old.models[name] and self.runtimes[name].state in S.HAS_PROCESS:
+                self.runtimes[name].extra["restart_pending"] = True
+                notes.append(f"{name} changed: takes effect at its next start")
+        fixed = [k for k in ("socket", "socket_mode", "state_dir", "log_dir")
+                 if getattr(new.daemon, k) != getattr(old.daemon, k)]
+        daemon = new.daemon
+        if fixed:
+            notes.append(f"not applied until llmuxd restarts: daemon.{', daemon.'.join(fixed)}")
+            daemon = dataclasses.replace(daemon, **{k: getattr(old.daemon, k) for k in fixed})
+        self.catalog = dataclasses.replace(new, daemon=daemon, models=models)
+        for note in notes:
+            log.info("reload: %s", note)
+        return "; ".join(notes) or "no changes"

@@ -1,0 +1,54 @@
+"""How a model's server is started, exactly as the contract says. Pure.
+
+argv = vllm_command + ["serve", model, "--port", port] + ["--host", "127.0.0.1"]
+(unless args name --host: vLLM's sleep and RPC endpoints are unauthenticated)
++ ["--enable-sleep-mode"] (levels 1 and 2) + args.
+"""
+
+from __future__ import annotations
+
+import os
+
+LOOPBACK = "127.0.0.1"
+
+
+def host_from_args(args) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == "--host" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--host="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def model_argv(daemon, spec) -> list[str]:
+    argv = list(daemon.vllm_command) + ["serve", spec.model, "--port", str(spec.port)]
+    if host_from_args(spec.args) is None:
+        argv += ["--host", LOOPBACK]
+    if spec.sleep_level in (1, 2) and "--enable-sleep-mode" not in spec.args:
+        argv.append("--enable-sleep-mode")
+    return argv + list(spec.args)
+
+
+def model_env(spec, base: dict[str, str]) -> dict[str, str]:
+    """The child's environment on top of the (already scrubbed) daemon environment."""
+    env = dict(base)
+    env["VLLM_SERVER_DEV_MODE"] = "1"  # the sleep endpoints exist only in dev mode
+    if spec.sleep_level == 4:
+        # io_uring and libuv state cannot be checkpointed by CRIU.
+        env["UV_USE_IO_URING"] = "0"
+        env["USE_LIBUV"] = "0"
+    env.update(spec.env_dict())
+    return env
+
+
+def connect_host(spec) -> str:
+    """Where llmuxd reaches the server: its --host, with wildcards meaning loopback."""
+    host = host_from_args(spec.args) or LOOPBACK
+    if host in ("0.0.0.0", "", "::", "[::]"):
+        return LOOPBACK
+    return host.strip("[]")
+
+
+def log_path(daemon, name: str) -> str:
+    return os.path.join(daemon.log_dir, f"{name}.log")

@@ -1,0 +1,247 @@
+"""Runs one plan at a time: performs the operations it yields and feeds back results.
+
+This is where pure plans meet the world. Synchronous operations (the clock, a
+state transition, a port probe, a signal) are answered at once; waiting ones
+(HTTP, pauses, waiting for a process group to vanish, helper tools) register
+with the reactor and resume the plan from a later callback. Exactly one job
+runs at a time, which is what keeps GPU memory changes strictly sequential.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import launch, procs
+from . import states as S
+from .actions import (CheckExited, CheckPort, Http, HttpError, Now, Pause, Phase, RunTool,
+                      SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
+from .http import HttpCall
+
+log = logging.getLogger(__name__)
+PENDING = object()
+GONE_POLL = 0.05
+
+
+@dataclass
+class Job:
+    kind: str                 # swap, sleep, stop, recover, shutdown
+    model: str | None
+    plan: object              # the generator
+    on_done: Callable[["Job"], None] | None = None
+    waiters: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    phases: list = field(default_factory=list)   # (seconds since start, phase, model)
+    phase: str | None = None
+    cancel: Callable[[], None] | None = None
+    ok: bool | None = None
+    message: str = ""
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.model}" if self.model else self.kind
+
+
+class Runner:
+    def __init__(self, daemon) -> None:
+        self.d = daemon
+        self.ops = {Now: self._now, Phase: self._phase, Transition: self._transition,
+                    CheckPort: self._check_port, CheckExited: self._check_exited,
+                    Spawn: self._spawn, SignalGroup: self._signal, WaitGone: self._wait_gone,
+                    Pause: self._pause, Http: self._http, RunTool: self._run_tool}
+
+    # -- driving ---------------------------------------------------------------
+    def start(self, job: Job) -> None:
+        log.info("job started: %s", job.describe())
+        self.d.job = job
+        self._step(job, None)
+
+    def _resume(self, job: Job, value) -> None:
+        if self.d.job is not job or job.ok is not None:
+            return  # aborted meanwhile: the result belongs to nobody
+        job.cancel = None
+        self._step(job, value)
+
+    def _step(self, job: Job, value) -> None:
+        while True:
+            try:
+                op = job.plan.send(value)
+            except StopIteration as stop:
+                self._finish(job, True, stop.value or "done")
+                return
+            except StepFailed as exc:
+                self._finish(job, False, str(exc))
+                return
+            except Exception as exc:  # a bug: report it, keep the daemon
+                log.exception("plan %s crashed", job.describe())
+                self._finish(job, False, f"internal error: {exc}")
+                return
+            value = self.ops[type(op)](job, op)
+            if value is PENDING:
+                return
+
+    def _finish(self, job: Job, ok: bool, message: str) -> None:
+        job.ok, job.message = ok, message
+        if self.d.job is job:
+            self.d.job = None
+        elapsed = time.monotonic() - job.started
+        (log.info if ok else log.error)("job %s %s after %.2fs: %s", job.describe(),
+                                        "succeeded" if ok else "failed", elapsed, message)
+        if job.on_done is not None:
+            job.on_done(job)
+
+    def abort(self, job: Job, why: str) -> None:
+        """Stop driving a plan now (shutdown); its models are left to the next plan."""
+        if job.cancel is not None:
+            job.cancel()
+            job.cancel = None
+        job.plan.close()
+        self._finish(job, False, why)
+
+    # -- synchronous operations -----------------------------------------------
+    def _now(self, job, op):
+        return time.monotonic()
+
+    def _phase(self, job, op: Phase):
+        elapsed = time.monotonic() - job.started
+        job.phase = op.name
+        job.phases.append((round(elapsed, 4), op.name, op.model))
+        log.info("%s: %s (%.2fs)", op.model, op.name, elapsed)
+        event = {"event": "progress", "phase": op.name, "model": op.model,
+                 "elapsed": round(elapsed, 3)}
+        for client in job.waiters:
+            client.send(event)
+        return None
+
+    def _transition(self, job, op: Transition):
+        rt = self.d.runtimes[op.model]
+        before = rt.state
+        try:
+            S.advance(rt, op.state, op.error, **op.fields)
+        except S.IllegalTransition as exc:
+            log.error("refused transition (a bug): %s", exc)
+            return None
+        if op.state in (S.STOPPING,):
+            rt.extra["stop_requested"] = True
+        if op.state == S.STARTING:
+            rt.last_error = op.error
+        log.info("%s: %s -> %s%s", op.model, before, op.state, f" ({op.error})" if op.error else "")
+        self.d.on_transition(op.model, before, op.state)
+        return None
+
+    def _check_port(self, job, op: CheckPort):
+        spec = self.d.catalog.models[op.model]
+        return procs.port_holder(launch.connect_host(spec), spec.port)
+
+    def _check_exited(self, job, op: CheckExited):
+        rt = self.d.runtimes[op.model]
+        if rt.exit_reason is not None:
+            return rt.exit_reason
+        if rt.pid is None or not procs.is_alive(rt.pid):
+            return "exited"
+        return None
+
+    def _spawn(self, job, op: Spawn):
+        return self.d.spawn_model(op.model)
+
+    def _signal(self, job, op: SignalGroup):
+        rt = self.d.runtimes[op.model]
+        rt.extra["stop_requested"] = True
+        if rt.pgid is not None:
+            if procs.kill_group(rt.pgid, op.signal) and op.signal == signal.SIGKILL:
+                self.d.killed_any = True
+            log.info("%s: sent %s to process group %d", op.model, signal.Signals(op.signal).name,
+                     rt.pgid)
+        return None
+
+    # -- waiting operations ------------------------------------------------------
+    def _pause(self, job, op: Pause):
+        timer = self.d.reactor.call_later(op.seconds, lambda: self._resume(job, None))
+        job.cancel = timer.cancel
+        return PENDING
+
+    def _http(self, job, op: Http):
+        spec = self.d.catalog.models[op.model]
+        call = HttpCall(self.d.reactor, launch.connect_host(spec), spec.port, op.method, op.path,
+                        op.body, op.timeout, lambda result: self._resume(job, result))
+        job.cancel = call.cancel
+        return PENDING
+
+    def _wait_gone(self, job, op: WaitGone):
+        rt = self.d.runtimes[op.model]
+        deadline = time.monotonic() + op.timeout
+        state = {"timer": None}
+
+        def gone() -> bool:
+            if rt.pid is not None and procs.is_alive(rt.pid):
+                return False
+            return rt.pgid is None or not procs.group_members(rt.pgid)
+
+        def check() -> None:
+            self.d.reaper.reap()  # zombies of the group are ours as subreaper
+            if gone():
+                rt.pgid = None if rt.pid is None else rt.pgid
+                self._resume(job, True)
+            elif time.monotonic() >= deadline:
+                self._resume(job, False)
+            else:
+                state["timer"] = self.d.reactor.call_later(GONE_POLL, check)
+
+        state["timer"] = self.d.reactor.call_later(0, check)
+        job.cancel = lambda: state["timer"].cancel()
+        return PENDING
+
+    def _run_tool(self, job, op: RunTool):
+        try:
+            child, read_fd = procs.spawn(list(op.argv), env=procs.clean_env(dict(os.environ), {}),
+                                         capture=True)
+        except OSError as exc:
+            return ToolResult(127, f"cannot run {op.argv[0]}: {exc.strerror or exc}")
+        chunks: list[bytes] = []
+        result: dict = {}
+        reactor = self.d.reactor
+
+        def finish() -> None:
+            if "status" in result and "eof" in result and "sent" not in result:
+                result["sent"] = True
+                timer.cancel()
+                rc = None if result.get("killed") else os.waitstatus_to_exitcode(result["status"])
+                text = b"".join(chunks).decode("utf-8", "replace")
+                self._resume(job, ToolResult(rc, text[-4000:]))
+
+        def on_output() -> None:
+            try:
+                data = os.read(read_fd, 65536)
+            except BlockingIOError:
+                return
+            if data:
+                if sum(map(len, chunks)) < 1 << 20:
+                    chunks.append(data)
+                return
+            reactor.remove_reader(read_fd)
+            os.close(read_fd)
+            result["eof"] = True
+            finish()
+
+        def on_exit(status: int) -> None:
+            procs.mark_reaped(child, status)
+            result["status"] = status
+            finish()
+
+        def on_deadline() -> None:
+            result["killed"] = True
+            procs.kill_group(child.pid, signal.SIGKILL)
+            log.error("%s: killed at its deadline (%gs)", op.argv[0], op.timeout)
+
+        self.d.reaper.register(child.pid, on_exit)
+        reactor.add_reader(read_fd, on_output)
+        timer = reactor.call_later(op.timeout, on_deadline)
+        job.cancel = lambda: (timer.cancel(), procs.kill_group(child.pid, signal.SIGKILL))
+        return PENDING
+
+
+def http_error_is_refused(result) -> bool:
+    return isinstance(result, HttpError) and "refused" in result.reason

@@ -1,0 +1,153 @@
+"""The swap engine and the other operator plans, as pure generators.
+
+`swap_plan` is the heart of llmux: drain the active model, put it to sleep at
+its level (escalating to a stop when that fails), verify, and only then wake or
+start the target and health-check it. GPU memory changes strictly one step at a
+time because every step finishes before the next begins. A failed wake or
+start stops the target and brings the previous model back (rollback), and the
+original error is what the operator reads.
+
+Plans yield operations from actions.py and never touch a socket or a clock;
+tests drive them with tables of (operation, result) pairs.
+"""
+
+from __future__ import annotations
+
+from . import states as S
+from .actions import Phase, StepFailed, Transition
+from .mechanisms import mechanism_for
+from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
+
+__all__ = ["swap_plan", "sleep_plan", "stop_plan", "recover_plan", "shutdown_plan", "StepFailed"]
+
+
+def holders(view: View, exclude: str | None = None) -> list[str]:
+    """Models that hold (or may hold) the GPU at full size right now."""
+    return [n for n, rt in view.runtimes.items()
+            if n != exclude and rt.state in (S.ACTIVE, S.RESTARTING)]
+
+
+def evict(view: View, name: str, force: bool, level: int | None = None) -> Plan:
+    """Drain `name` and put it to sleep; raise StepFailed only if nothing changed."""
+    level = level or spec_of(view, name).sleep_level
+    yield Transition(name, S.DRAINING)
+    drained, depth = yield from drain(view, name)
+    if not drained and not force:
+        yield Transition(name, S.ACTIVE)
+        raise StepFailed(
+            f"{name}: {depth if depth is not None else 'unknown number of'} request(s) still in flight "
+            f"after drain_timeout ({timeout_of(view, name, 'drain_timeout'):g}s); nothing changed "
+            "(swap --force puts it to sleep anyway)")
+    if not drained:
+        yield Phase("drain-forced", name)
+    yield from put_to_sleep(view, name, level)
+
+
+def put_to_sleep(view: View, name: str, level: int) -> Plan:
+    """Sleep at `level`; any failure escalates to a stop (level 5)."""
+    mechanism = mechanism_for(level)
+    try:
+        yield from mechanism.sleep(view, name)
+    except StepFailed as exc:
+        if level == 5:
+            raise
+        yield from stop(view, name, error=f"sleep (level {level}) failed: {exc}; stopped instead")
+
+
+def bring_up(view: View, name: str) -> Plan:
+    """Wake or start `name` until it is active and healthy."""
+    rt = view.runtimes[name]
+    if rt.state == S.ACTIVE:
+        return
+    if rt.state in (S.STOPPED, S.FAILED):
+        yield from start(view, name)
+    elif rt.state == S.RESTARTING:
+        yield from stop(view, name, hurry=True)
+        yield from start(view, name)
+    elif rt.state in S.ASLEEP:
+        level = rt.asleep_level or spec_of(view, name).sleep_level
+        yield from mechanism_for(level).wake(view, name)
+    else:
+        raise StepFailed(f"{name} is {rt.state}; cannot make it active now")
+
+
+def swap_plan(view: View, target: str, force: bool = False) -> Plan:
+    """Make `target` the active model (see the module docstring)."""
+    if view.runtimes[target].state == S.ACTIVE:
+        return f"{target} is already active"
+    previous = None
+    for name in holders(view, exclude=target):
+        if view.runtimes[name].state == S.ACTIVE:
+            previous = name
+            yield from evict(view, name, force)
+        else:  # crashed and waiting to restart: its leftovers go
+            yield from stop(view, name, hurry=True)
+    try:
+        yield from bring_up(view, target)
+    except StepFailed as exc:
+        error = str(exc)
+        yield from stop(view, target, error=error, final=S.FAILED)
+        if previous is None:
+            raise
+        yield Phase("rollback", previous)
+        try:
+            yield from bring_up(view, previous)
+        except StepFailed as exc2:
+            yield from stop(view, previous, error=str(exc2), final=S.FAILED)
+            raise StepFailed(f"{error}; rollback to {previous} failed too: {exc2}") from None
+        raise StepFailed(f"{error}; {previous} is active again") from None
+    return f"{target} is active"
+
+
+def sleep_plan(view: View, name: str, level: int | None = None, force: bool = False) -> Plan:
+    """`llmuxctl sleep NAME [--level N]`: put an awake model to sleep."""
+    rt = view.runtimes[name]
+    level = level or spec_of(view, name).sleep_level
+    if rt.state == S.ACTIVE:
+        yield from evict(view, name, force, level)
+        return f"{name} is {view.runtimes[name].state}"
+    if rt.state in S.ASLEEP and level == 5:
+        yield from stop_plan(view, name)
+        return f"{name} is stopped"
+    if rt.state in S.ASLEEP or rt.state == S.STOPPED:
+        return f"{name} is already {rt.state}"
+    raise StepFailed(f"{name} is {rt.state}; only an active model can be put to sleep")
+
+
+def stop_plan(view: View, name: str) -> Plan:
+    """`llmuxctl stop NAME`: whatever its state, no process of it is left."""
+    rt = view.runtimes[name]
+    if rt.state == S.CHECKPOINTED:
+        discard = getattr(mechanism_for(4), "discard", None)
+        if discard is not None:
+            yield from discard(view, name)
+        else:
+            yield Transition(name, S.STOPPED)
+        return f"{name} is stopped"
+    yield from stop(view, name)
+    return f"{name} is stopped"
+
+
+def recover_plan(view: View, name: str) -> Plan:
+    """Supervision: the active model crashed or went unhealthy; start it again."""
+    yield from stop(view, name, hurry=True, final=S.STOPPED)
+    try:
+        yield from start(view, name)
+    except StepFailed as exc:
+        yield from stop(view, name, error=str(exc), final=S.FAILED)
+        raise
+    return f"{name} restarted"
+
+
+def shutdown_plan(view: View, hurry: bool = False) -> Plan:
+    """Stop every model that has a process; `hurry` skips the TERM grace."""
+    failures = []
+    for name, rt in list(view.runtimes.items()):
+        if rt.state in S.HAS_PROCESS:
+            try:
+                yield from stop(view, name, hurry=hurry)
+            except StepFailed as exc:  # go on: the other models must stop regardless
+                failures.append(str(exc))
+    if failures:
+        raise StepFailed("; ".join(failures))
+    return "every model is stopped"
