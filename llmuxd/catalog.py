@@ -1,0 +1,521 @@
+"""The model catalog: load and strictly validate llmux's TOML configuration.
+
+This module owns the catalog format: the main file (``[daemon]``,
+``[daemon.checkpoint]``, ``[models.NAME]``) plus drop-ins ``models.d/*.toml``
+beside it, read in name order, which may only add ``[models.NAME]`` tables.
+Every problem found is reported, each as ``FILE:LINE: message``, in one
+:class:`CatalogError`; bad input never escapes as another exception.
+
+It is pure: the only I/O is reading those files (and listing ``models.d``).
+It imports nothing else from llmuxd.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import shlex
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable
+
+import tomlkit
+from tomlkit.exceptions import ParseError
+
+
+class CatalogError(Exception):
+    """The catalog is invalid; ``problems`` holds every ``FILE:LINE: message``."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    criu_path: str = "criu"
+    cuda_checkpoint: str = "auto"
+    cuda_plugin_dir: str = "/usr/lib/criu"
+    images_dir: str = ""
+    ghost_limit: int = 1048576
+
+
+@dataclass(frozen=True)
+class DaemonSettings:
+    socket: str = "/run/llmux/llmux.sock"
+    socket_mode: int = 0o660
+    state_dir: str = "/var/lib/llmux"
+    log_dir: str = ""
+    vllm_command: tuple[str, ...] = ("vllm",)
+    default_model: str | None = None
+    drain_timeout: float = 30.0
+    stop_timeout: float = 30.0
+    startup_timeout: float = 1800.0
+    sleep_timeout: float = 120.0
+    wake_timeout: float = 120.0
+    health_interval: float = 10.0
+    health_failures: int = 3
+    restart_limit: int = 5
+    restart_window: float = 600.0
+    restart_backoff: float = 1.0
+    checkpoint: CheckpointSettings = CheckpointSettings()
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model: str
+    port: int
+    sleep_level: int = 1
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str | None = None
+    startup_timeout: float | None = None
+    drain_timeout: float | None = None
+    stop_timeout: float | None = None
+    keep_images: bool = False
+    source: str = ""
+
+    def env_dict(self) -> dict[str, str]:
+        return dict(self.env)
+
+
+OVERRIDABLE = ("startup_timeout", "drain_timeout", "stop_timeout")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    path: str
+    files: tuple[str, ...]
+    daemon: DaemonSettings
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+    def effective(self, spec: ModelSpec, key: str) -> float:
+        """The model's override of a daemon timeout, else the daemon's value."""
+        if key not in OVERRIDABLE:
+            raise KeyError(f"{key!r} is not a per-model timeout (one of {', '.join(OVERRIDABLE)})")
+        value = getattr(spec, key)
+        return getattr(self.daemon, key) if value is None else value
+
+
+# ---------------------------------------------------------------- durations
+
+_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?"
+                          r"(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
+_DURATION_HELP = 'a number of seconds, or a string like "30s", "5m", "1h30m", "500ms"'
+
+
+def parse_duration(value: Any, where: str) -> float:
+    """Seconds from a number (>= 0) or a unit string ("1m30s"); ValueError otherwise."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value) if abs(value) < 1e300 else math.inf
+    elif isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip())
+        if not value.strip() or m is None:
+            raise ValueError(f"{prefix}invalid duration {value!r} (expected {_DURATION_HELP})")
+        h, mi, s, ms = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s + ms / 1000
+    else:
+        raise ValueError(f"{prefix}expected a duration ({_DURATION_HELP}), got {_type_name(value)}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{prefix}duration must be a finite number >= 0, got {value!r}")
+    return seconds
+
+
+# ---------------------------------------------------------------- converters
+
+_TYPE_NAMES = {bool: "boolean", int: "integer", str: "string", list: "array", dict: "table"}
+
+
+def _type_name(value: Any) -> str:
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _expect(value: Any, where: str, types: tuple, what: str) -> Any:
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+        raise ValueError(f"{where}: expected {what}, got {_type_name(value)}")
+    return value
+
+
+def _string(value: Any, where: str, nonempty: bool = True) -> str:
+    _expect(value, where, (str,), "a string")
+    if nonempty and not value.strip():
+        raise ValueError(f"{where}: must not be empty")
+    return value
+
+
+def _integer(value: Any, where: str, lo: int = 0, hi: int | None = None) -> int:
+    _expect(value, where, (int,), "an integer")
+    if value < lo or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{where}: must be {bounds}, got {value}")
+    return value
+
+
+def _positive(value: Any, where: str) -> float:
+    seconds = parse_duration(value, where)
+    if seconds <= 0:
+        raise ValueError(f"{where}: must be greater than 0")
+    return seconds
+
+
+def _mode(value: Any, where: str) -> int:
+    if isinstance(value, str):
+        if not re.fullmatch(r"(0o)?[0-7]{1,4}", value.strip()):
+            raise ValueError(f'{where}: expected octal digits like "0660", got {value!r}')
+        value = int(value.strip().replace("0o", ""), 8)
+    else:
+        _expect(value, where, (int,), 'an octal mode string like "0660"')
+    if not 0 <= value <= 0o777:
+        raise ValueError(f"{where}: must be between 0 and 0o777, got {oct(value)}")
+    return value
+
+
+def _command(value: Any, where: str) -> tuple[str, ...]:
+    if isinstance(value, str):
+        try:
+            argv = shlex.split(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: cannot split command: {e}") from None
+    else:
+        argv = _string_list(value, where)
+    if not argv or not argv[0]:
+        raise ValueError(f"{where}: must name a program (a string or a non-empty list of strings)")
+    return tuple(argv)
+
+
+def _string_list(value: Any, where: str) -> tuple[str, ...]:
+    _expect(value, where, (list,), "an array of strings")
+    for i, item in enumerate(value):
+        _expect(item, f"{where}[{i}]", (str,), "a string")
+    return tuple(value)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    _expect(value, where, (dict,), "a table of strings")
+    for key, item in value.items():
+        if not _ENV_NAME.fullmatch(key):
+            raise ValueError(f"{where}: {key!r} is not a valid environment variable name")
+        if not isinstance(item, str):
+            err = ValueError(f"{where}.{key}: expected a string, got {_type_name(item)}")
+            err.key = key  # type: ignore[attr-defined]  # lets the caller find its line
+            raise err
+    return tuple(value.items())
+
+
+# Converters per key; each takes (value, where) and returns the converted value
+# or raises ValueError("where: message").
+_Conv = Callable[[Any, str], Any]
+_maybe_empty: _Conv = partial(_string, nonempty=False)
+_duration: _Conv = parse_duration
+_CHECKPOINT_KEYS: dict[str, _Conv] = {
+    "criu_path": _string, "cuda_checkpoint": _string, "cuda_plugin_dir": _string,
+    "images_dir": _maybe_empty, "ghost_limit": _integer}
+_DAEMON_KEYS: dict[str, _Conv | None] = {
+    "socket": _string, "socket_mode": _mode, "state_dir": _string, "log_dir": _maybe_empty,
+    "vllm_command": _command, "default_model": _string, "drain_timeout": _duration,
+    "stop_timeout": _duration, "startup_timeout": _duration, "sleep_timeout": _duration,
+    "wake_timeout": _duration, "health_interval": _positive,
+    "health_failures": partial(_integer, lo=1), "restart_limit": _integer,
+    "restart_window": _duration, "restart_backoff": _duration, "checkpoint": None}
+_MODEL_KEYS: dict[str, _Conv] = {
+    "model": _string, "port": partial(_integer, lo=1, hi=65535),
+    "sleep_level": partial(_integer, lo=1, hi=5), "args": _string_list, "env": _env,
+    "cwd": _string, "startup_timeout": _duration, "drain_timeout": _duration,
+    "stop_timeout": _duration,
+    "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)")}
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+# ---------------------------------------------------------------- line locator
+
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_BASIC_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_LITERAL = re.compile(r"'([^']*)'")
+
+
+def _parse_key(text: str, i: int) -> tuple[list[str], int] | None:
+    """Parse a (dotted, possibly quoted) key at text[i:]; return (parts, end) or None."""
+    parts: list[str] = []
+    while True:
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        quote = text[i:i + 1]
+        m = {'"': _BASIC_KEY, "'": _LITERAL}.get(quote, _BARE_KEY).match(text, i)
+        if m is None:
+            return None
+        part = m.group(m.re.groups)  # the quoted text, or the whole bare key
+        parts.append(re.sub(r"\\(.)", r"\1", part) if quote == '"' else part)
+        i = m.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if text[i:i + 1] != ".":
+            return parts, i
+        i += 1
+
+
+def _scan_value(text: str, i: int, depth: int, ml: str | None) -> tuple[int, str | None]:
+    """Advance over a value, tracking bracket depth and open multi-line strings."""
+    while i < len(text):
+        if ml is not None:
+            end = text.find(ml, i)
+            if end < 0:
+                return depth, ml
+            i, ml = end + 3, None
+            continue
+        c = text[i]
+        if c == "#":
+            break
+        if text.startswith(('"""', "'''"), i):
+            ml, i = text[i:i + 3], i + 3
+        elif c in "\"'":
+            m = (_BASIC_KEY if c == '"' else _LITERAL).match(text, i)
+            i = m.end() if m else len(text)
+        else:
+            depth += (c in "[{") - (c in "]}")
+            i += 1
+    return depth, ml
+
+
+def locate_keys(text: str, repeats: list[int] | None = None) -> dict[tuple[str, ...], int]:
+    """Map every key path and table header in TOML text to its first line (1-based).
+
+    Lines that define a key or [table] a second time are appended to repeats.
+    """
+    lines: dict[tuple[str, ...], int] = {}
+    defined: set[tuple[str, ...]] = set()
+    table: tuple[str, ...] = ()
+    depth, ml = 0, None
+
+    def record(path: tuple[str, ...], lineno: int, again: bool = True) -> None:
+        if path in defined and again and repeats is not None:
+            repeats.append(lineno)
+        defined.add(path)
+        for n in range(1, len(path) + 1):
+            lines.setdefault(path[:n], lineno)
+
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if ml is not None or depth > 0:
+            depth, ml = _scan_value(line, 0, depth, ml)
+            continue
+        stripped = line.lstrip()
+        start = len(line) - len(stripped)
+        if stripped.startswith("["):
+            double = stripped.startswith("[[")
+            parsed = _parse_key(line, start + (2 if double else 1))
+            if parsed is not None:
+                table = tuple(parsed[0])
+                record(table, lineno, again=not double)
+            continue
+        parsed = _parse_key(line, start) if stripped and stripped[0] != "#" else None
+        if parsed is not None and line[parsed[1]:parsed[1] + 1] == "=":
+            record(table + tuple(parsed[0]), lineno)
+            depth, ml = _scan_value(line, parsed[1] + 1, 0, None)
+    return lines
+
+
+# ---------------------------------------------------------------- loading
+
+class _File:
+    """One file being validated: its name, key lines and the shared problem list."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path, self.problems, self.lines = path, problems, {}
+
+    def where(self, path: tuple[str, ...]) -> str:
+        """FILE:LINE of the key path, else of its closest enclosing table, else FILE:0."""
+        found = (self.lines[path[:n]] for n in range(len(path), 0, -1) if path[:n] in self.lines)
+        return f"{self.path}:{next(found, 0)}"
+
+    def error(self, path: tuple[str, ...], message: str) -> None:
+        self.problems.append(f"{self.where(path)}: {message}")
+
+    def read(self) -> tuple[dict[str, Any], Any] | None:
+        """Read and parse the file; (plain dict, tomlkit document) or None after an error."""
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            self.problems.append(f"{self.path}:0: cannot read: {e.strerror or e}")
+            return None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = data[:e.start].count(b"\n") + 1
+            self.problems.append(f"{self.path}:{line}: cannot read: not valid UTF-8 ({e.reason})")
+            return None
+        try:
+            doc = tomlkit.parse(text)
+            plain = doc.unwrap()
+        except ParseError as e:
+            msg = re.sub(r" at line \d+ col \d+$", "", str(e))
+            self.problems.append(f"{self.path}:{e.line or 0}: invalid TOML: {msg} (column {e.col})")
+            return None
+        except Exception as e:  # tomlkit raises other errors too (e.g. duplicate keys)
+            repeats: list[int] = []
+            locate_keys(text, repeats)
+            line = repeats[0] if repeats else 0
+            self.problems.append(f"{self.path}:{line}: invalid TOML: {e or type(e).__name__}")
+            return None
+        self.lines = locate_keys(text)
+        return plain, doc
+
+    def section(self, value: Any, path: tuple[str, ...], allowed: dict) -> dict[str, Any]:
+        """Check that value is a table with only allowed keys; return it (or {})."""
+        if not isinstance(value, dict):
+            self.error(path, f"{_dotted(path)}: expected a table, got {_type_name(value)}")
+            return {}
+        for key in value:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, list(allowed), n=1)
+                tip = f" (did you mean '{hint[0]}'?)" if hint else ""
+                if path[:1] == ("models",) and len(path) == 2 and isinstance(value[key], dict):
+                    tip = f' (quote names with dots: [models."{path[1]}.{key}"])'
+                self.error(path + (key,), f"{_dotted(path + (key,))}: unknown key{tip}")
+        return value
+
+    def convert(self, table: dict, path: tuple[str, ...], convs: dict) -> dict[str, Any]:
+        """Convert the known keys of table; record a problem for each bad value."""
+        out = {}
+        for key, value in table.items():
+            conv = convs.get(key)
+            if conv is not None:
+                try:
+                    out[key] = conv(value, _dotted(path + (key,)))
+                except ValueError as e:
+                    sub = (e.key,) if hasattr(e, "key") else ()
+                    self.problems.append(f"{self.where(path + (key,) + sub)}: {e}")
+        return out
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(p if _BARE_KEY.fullmatch(p) else f'"{p}"' for p in path)
+
+
+def _resolve(base: str, path: str) -> str:
+    return os.path.normpath(os.path.join(base, path))
+
+
+def _daemon(f: _File, plain: dict, doc: Any, base: str) -> DaemonSettings:
+    table = f.section(plain.get("daemon", {}), ("daemon",), _DAEMON_KEYS)
+    values = f.convert(table, ("daemon",), _DAEMON_KEYS)
+    raw_mode = table.get("socket_mode")
+    if isinstance(raw_mode, int) and not isinstance(raw_mode, bool) and raw_mode:
+        try:
+            text = doc["daemon"]["socket_mode"].as_string().strip()
+        except Exception:
+            text = "0o"
+        if not text.startswith("0o"):
+            values.pop("socket_mode", None)
+            f.error(("daemon", "socket_mode"), f'daemon.socket_mode: write the mode in octal '
+                    f'("0660" or 0o660), got {text}')
+    for key in ("socket", "state_dir", "log_dir"):
+        if values.get(key):
+            values[key] = _resolve(base, values[key])
+    state_dir = values.get("state_dir", DaemonSettings.state_dir)
+    values["log_dir"] = values.get("log_dir") or os.path.join(state_dir, "logs")
+    ck_table = f.section(table.get("checkpoint", {}), ("daemon", "checkpoint"), _CHECKPOINT_KEYS)
+    ck = f.convert(ck_table, ("daemon", "checkpoint"), _CHECKPOINT_KEYS)
+    ck["images_dir"] = (_resolve(base, ck["images_dir"]) if ck.get("images_dir")
+                        else os.path.join(state_dir, "checkpoints"))
+    values["checkpoint"] = CheckpointSettings(**ck)
+    return DaemonSettings(**values)
+
+
+def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
+            ports: dict[int, tuple[str, str]], models: dict[str, ModelSpec]) -> None:
+    table = plain.get("models", {})
+    if not isinstance(table, dict):
+        f.error(("models",), f"models: expected a table, got {_type_name(table)}")
+        return
+    for name, value in table.items():
+        path = ("models", name)
+        where = _dotted(path)
+        if name in seen:
+            f.error(path, f"duplicate model '{name}' (first defined at {seen[name]})")
+            continue
+        seen[name] = f.where(path)
+        if not isinstance(value, dict):
+            f.error(path, f"{where}: expected a table, got {_type_name(value)}")
+            continue
+        if not _MODEL_NAME.fullmatch(name):
+            f.error(path, f"{where}: invalid model name {name!r} (letters, digits, '.', '_', "
+                          "'-'; must start with a letter or digit; at most 64 characters)")
+        spec = f.section(value, path, _MODEL_KEYS)
+        values = f.convert(spec, path, _MODEL_KEYS)
+        missing = [key for key in ("model", "port") if key not in spec]
+        for key in missing:
+            f.error(path, f"{where}: missing required key '{key}'")
+        port = values.get("port")
+        if port in ports:
+            f.error(path + ("port",), f"{where}.port: duplicate port {port} (already used by "
+                                      f"model '{ports[port][0]}' at {ports[port][1]})")
+        elif port is not None:
+            ports[port] = (name, f.where(path + ("port",)))
+        if missing or len(values) != len(spec) or not _MODEL_NAME.fullmatch(name):
+            continue  # problems already recorded
+        if values.get("cwd"):
+            values["cwd"] = _resolve(base, values["cwd"])
+        models[name] = ModelSpec(name=name, source=f.where(path), **values)
+
+
+def _load(path: str) -> tuple[Catalog | None, list[str]]:
+    main = os.path.abspath(path)
+    base = os.path.dirname(main)
+    problems: list[str] = []
+    files = [main]
+    dropin_dir = os.path.join(base, "models.d")
+    if os.path.isdir(dropin_dir):
+        try:
+            names = sorted(n for n in os.listdir(dropin_dir)
+                           if n.endswith(".toml") and not n.startswith("."))
+            files += [os.path.join(dropin_dir, n) for n in names]
+        except OSError as e:
+            problems.append(f"{dropin_dir}:0: cannot read: {e.strerror or e}")
+    seen: dict[str, str] = {}
+    ports: dict[int, tuple[str, str]] = {}
+    models: dict[str, ModelSpec] = {}
+    daemon = DaemonSettings()
+    main_file = None
+    for name in files:
+        f = _File(name, problems)
+        parsed = f.read()
+        if parsed is None:
+            continue
+        plain, doc = parsed
+        if name == main:
+            main_file = f
+            f.section(plain, (), {"daemon": None, "models": None})
+            daemon = _daemon(f, plain, doc, base)
+        else:
+            for key in plain:
+                if key != "models":
+                    f.error((key,), f"{_dotted((key,))}: a drop-in may only define "
+                                    "[models.NAME] tables")
+        _models(f, plain, base, seen, ports, models)
+    if daemon.default_model is not None and daemon.default_model not in seen:
+        where = main_file.where(("daemon", "default_model")) if main_file else f"{main}:0"
+        problems.append(f"{where}: daemon.default_model: no model named "
+                        f"'{daemon.default_model}' is defined")
+    if problems:
+        return None, problems
+    return Catalog(path=main, files=tuple(files), daemon=daemon, models=models), []
+
+
+def load_catalog(path: str) -> Catalog:
+    """Load and validate the catalog at path; CatalogError lists every problem."""
+    catalog, problems = _load(path)
+    if catalog is None:
+        raise CatalogError(problems)
+    return catalog
+
+
+def validate_only(path: str) -> list[str]:
+    """Every problem of the catalog at path, [] when it is valid."""
+    return _load(path)[1]
+
