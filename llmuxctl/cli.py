@@ -69,7 +69,7 @@ def swap(ctx: click.Context, model: str, force: bool, quiet: bool) -> None:
     """Make MODEL the active model; returns when it is active or the swap failed."""
     def show(event: dict) -> None:
         if not quiet and event.get("event") == "progress":
-            click.echo(render.progress(event), err=True)
+            click.echo(render.progress(event))
     reply = call(ctx, {"cmd": "swap", "model": model, "force": force}, timeout=None, on_event=show)
     click.echo(f"{reply.get('message', model + ' is active')} ({reply.get('elapsed', 0):.2f}s)")
 

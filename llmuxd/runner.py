@@ -18,7 +18,7 @@ from typing import Callable
 
 from . import launch, procs
 from . import states as S
-from .actions import (CheckExited, CheckPort, Http, HttpError, Now, Pause, Phase, RunTool,
+from .actions import (CheckExited, CheckPort, Http, Now, Pause, Phase, RunTool,
                       SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
 from .http import HttpCall
 
@@ -126,8 +126,6 @@ class Runner:
             return None
         if op.state in (S.STOPPING,):
             rt.extra["stop_requested"] = True
-        if op.state == S.STARTING:
-            rt.last_error = op.error
         log.info("%s: %s -> %s%s", op.model, before, op.state, f" ({op.error})" if op.error else "")
         self.d.on_transition(op.model, before, op.state)
         return None
@@ -242,6 +240,3 @@ class Runner:
         job.cancel = lambda: (timer.cancel(), procs.kill_group(child.pid, signal.SIGKILL))
         return PENDING
 
-
-def http_error_is_refused(result) -> bool:
-    return isinstance(result, HttpError) and "refused" in result.reason
