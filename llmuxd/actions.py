@@ -62,6 +62,22 @@ class RunTool:
 
 
 @dataclass(frozen=True)
+class RunTools:
+    """Run several helpers at once (one per CUDA process) -> list[ToolResult], in order."""
+    argvs: tuple[tuple[str, ...], ...]
+    timeout: float
+    model: str = ""
+
+
+@dataclass(frozen=True)
+class Io:
+    """A named filesystem or /proc operation of checkpoint_io.py -> its return value,
+    or IoFailed. Plans stay pure: they name the operation, the daemon performs it."""
+    name: str
+    args: tuple = ()
+
+
+@dataclass(frozen=True)
 class Pause:
     """Let time pass (a poll interval) -> None."""
     seconds: float
@@ -113,6 +129,12 @@ class ToolResult:
     @property
     def ok(self) -> bool:
         return self.rc == 0
+
+
+@dataclass(frozen=True)
+class IoFailed:
+    reason: str
+    ok = False
 
 
 class StepFailed(Exception):

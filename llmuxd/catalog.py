@@ -39,6 +39,9 @@ class CheckpointSettings:
     cuda_plugin_dir: str = "/usr/lib/criu"
     images_dir: str = ""
     ghost_limit: int = 1048576
+    criu_timeout: float = 1800.0           # deadline of one criu dump or restore
+    cuda_timeout: float = 600.0            # deadline of one cuda-checkpoint call
+    network_lock: str = "nftables"         # criu --network-lock: iptables is often absent
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,8 @@ _maybe_empty: _Conv = partial(_string, nonempty=False)
 _duration: _Conv = parse_duration
 _CHECKPOINT_KEYS: dict[str, _Conv] = {
     "criu_path": _string, "cuda_checkpoint": _string, "cuda_plugin_dir": _string,
-    "images_dir": _maybe_empty, "ghost_limit": _integer}
+    "images_dir": _maybe_empty, "ghost_limit": _integer, "criu_timeout": _duration,
+    "cuda_timeout": _duration, "network_lock": _string}
 _DAEMON_KEYS: dict[str, _Conv | None] = {
     "socket": _string, "socket_mode": _mode, "state_dir": _string, "log_dir": _maybe_empty,
     "vllm_command": _command, "default_model": _string, "drain_timeout": _duration,

@@ -172,11 +172,26 @@ class Daemon:
         rt.pid, rt.pgid, rt.start_time, rt.exit_reason = child.pid, child.pid, child.start_time, None
         rt.extra.pop("stop_requested", None)
         rt.extra.pop("restart_pending", None)
+        rt.extra["argv_hash"] = launch.argv_hash(argv, spec.env_dict())
         self.children[name] = child
         self.specs_in_use[name] = spec
         self.reaper.register(child.pid, lambda status: self.on_model_exit(name, child, status))
         log.info("%s: started pid %d: %s", name, child.pid, " ".join(argv))
         return None
+
+    def adopt_process(self, name: str, pid: int) -> float:
+        """Track a process we did not spawn (restored by CRIU) as the model's main process."""
+        rt = self.runtimes[name]
+        start_time = procs.process_start_time(pid)
+        if start_time is None:
+            raise ValueError(f"process {pid} vanished")
+        child = procs.Child(pid, [], start_time, None)
+        rt.pid, rt.pgid, rt.start_time, rt.exit_reason = pid, os.getpgid(pid), start_time, None
+        rt.extra.pop("stop_requested", None)
+        self.children[name] = child
+        self.reaper.register(pid, lambda status: self.on_model_exit(name, child, status))
+        log.info("%s: tracking restored pid %d (start time %.2f)", name, pid, start_time)
+        return start_time
 
     def on_model_exit(self, name: str, child: procs.Child, status: int) -> None:
         procs.mark_reaped(child, status)

@@ -7,6 +7,8 @@ argv = vllm_command + ["serve", model, "--port", port] + ["--host", "127.0.0.1"]
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 LOOPBACK = "127.0.0.1"
@@ -52,3 +54,9 @@ def connect_host(spec) -> str:
 
 def log_path(daemon, name: str) -> str:
     return os.path.join(daemon.log_dir, f"{name}.log")
+
+
+def argv_hash(argv, env: dict[str, str]) -> str:
+    """Identifies what a process was started with (checkpoint manifests, reload diffs)."""
+    blob = json.dumps([list(argv), sorted(env.items())]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

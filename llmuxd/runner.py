@@ -16,10 +16,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import launch, procs
+from . import checkpoint_io, launch, procs
 from . import states as S
-from .actions import (CheckExited, CheckPort, Http, Now, Pause, Phase, RunTool,
-                      SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
+from .actions import (CheckExited, CheckPort, Http, Io, IoFailed, Now, Pause, Phase, RunTool,
+                      RunTools, SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
 from .http import HttpCall
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,8 @@ class Runner:
         self.ops = {Now: self._now, Phase: self._phase, Transition: self._transition,
                     CheckPort: self._check_port, CheckExited: self._check_exited,
                     Spawn: self._spawn, SignalGroup: self._signal, WaitGone: self._wait_gone,
-                    Pause: self._pause, Http: self._http, RunTool: self._run_tool}
+                    Pause: self._pause, Http: self._http, RunTool: self._run_tool,
+                    RunTools: self._run_tools, Io: self._io}
 
     # -- driving ---------------------------------------------------------------
     def start(self, job: Job) -> None:
@@ -124,7 +125,7 @@ class Runner:
         except S.IllegalTransition as exc:
             log.error("refused transition (a bug): %s", exc)
             return None
-        if op.state in (S.STOPPING,):
+        if op.state in (S.STOPPING, S.CHECKPOINTING):
             rt.extra["stop_requested"] = True
         log.info("%s: %s -> %s%s", op.model, before, op.state, f" ({op.error})" if op.error else "")
         self.d.on_transition(op.model, before, op.state)
@@ -193,22 +194,54 @@ class Runner:
         return PENDING
 
     def _run_tool(self, job, op: RunTool):
+        cancel = self._launch_tool(op.argv, op.timeout, lambda result: self._resume(job, result))
+        job.cancel = cancel
+        return PENDING
+
+    def _run_tools(self, job, op: RunTools):
+        results: list = [None] * len(op.argvs)
+        left = [len(op.argvs)]
+        if not op.argvs:
+            return []
+
+        def one_done(i: int, result: ToolResult) -> None:
+            results[i] = result
+            left[0] -= 1
+            if left[0] == 0:
+                self._resume(job, results)
+        cancels = [self._launch_tool(argv, op.timeout, lambda r, i=i: one_done(i, r))
+                   for i, argv in enumerate(op.argvs)]
+        job.cancel = lambda: [c() for c in cancels]
+        return PENDING
+
+    def _io(self, job, op: Io):
         try:
-            child, read_fd = procs.spawn(list(op.argv), env=procs.clean_env(dict(os.environ), {}),
+            return checkpoint_io.OPERATIONS[op.name](self.d, *op.args)
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("%s%s failed: %s", op.name, op.args, exc)
+            return IoFailed(f"{op.name}: {exc}")
+
+    def _launch_tool(self, argv, timeout: float, done: Callable[[ToolResult], None]):
+        """Run a helper through the one spawn function; its status comes from the reaper."""
+        reactor = self.d.reactor
+        try:
+            child, read_fd = procs.spawn(list(argv), env=procs.clean_env(dict(os.environ), {}),
                                          capture=True)
         except OSError as exc:
-            return ToolResult(127, f"cannot run {op.argv[0]}: {exc.strerror or exc}")
+            result = ToolResult(127, f"cannot run {argv[0]}: {exc.strerror or exc}")
+            reactor.call_later(0, lambda: done(result))
+            return lambda: None
+        log.debug("running %s", " ".join(argv))
         chunks: list[bytes] = []
-        result: dict = {}
-        reactor = self.d.reactor
+        state: dict = {}
 
         def finish() -> None:
-            if "status" in result and "eof" in result and "sent" not in result:
-                result["sent"] = True
+            if "status" in state and "eof" in state and "sent" not in state:
+                state["sent"] = True
                 timer.cancel()
-                rc = None if result.get("killed") else os.waitstatus_to_exitcode(result["status"])
+                rc = None if state.get("killed") else os.waitstatus_to_exitcode(state["status"])
                 text = b"".join(chunks).decode("utf-8", "replace")
-                self._resume(job, ToolResult(rc, text[-4000:]))
+                done(ToolResult(rc, text[-8000:]))
 
         def on_output() -> None:
             try:
@@ -221,22 +254,25 @@ class Runner:
                 return
             reactor.remove_reader(read_fd)
             os.close(read_fd)
-            result["eof"] = True
+            state["eof"] = True
             finish()
 
         def on_exit(status: int) -> None:
             procs.mark_reaped(child, status)
-            result["status"] = status
+            state["status"] = status
             finish()
 
         def on_deadline() -> None:
-            result["killed"] = True
+            state["killed"] = True
             procs.kill_group(child.pid, signal.SIGKILL)
-            log.error("%s: killed at its deadline (%gs)", op.argv[0], op.timeout)
+            log.error("%s: killed at its deadline (%gs)", argv[0], timeout)
+
+        def cancel() -> None:
+            state["sent"] = True
+            timer.cancel()
+            procs.kill_group(child.pid, signal.SIGKILL)
 
         self.d.reaper.register(child.pid, on_exit)
         reactor.add_reader(read_fd, on_output)
-        timer = reactor.call_later(op.timeout, on_deadline)
-        job.cancel = lambda: (timer.cancel(), procs.kill_group(child.pid, signal.SIGKILL))
-        return PENDING
-
+        timer = reactor.call_later(timeout, on_deadline)
+        return cancel

@@ -35,7 +35,8 @@ FAILED = "failed"
 
 # States in which the model's process tree exists (or may: stopping).
 HAS_PROCESS = frozenset({STARTING, ACTIVE, DRAINING, GOING_TO_SLEEP, SLEEPING, WAKING,
-                         SUSPENDING, SUSPENDED, RESUMING, CHECKPOINTING, STOPPING, RESTARTING})
+                         SUSPENDING, SUSPENDED, RESUMING, CHECKPOINTING, RESTORING, STOPPING,
+                         RESTARTING})
 ASLEEP = frozenset({SLEEPING, SUSPENDED, CHECKPOINTED})
 
 TRANSITIONS: dict[str, frozenset[str]] = {

@@ -5,17 +5,20 @@ A mechanism is an object with:
   level: int, asleep_state: str,
   sleep(view, name) -> Plan   (ends with Transition(name, asleep_state) or raises StepFailed)
   wake(view, name)  -> Plan   (ends with Transition(name, ACTIVE) or raises StepFailed)
-Levels 3 and 4 register themselves here from their own modules.
 """
 
 from __future__ import annotations
 
+from .criu import CriuCheckpoint
+from .cuda_suspend import CudaSuspend
 from .stop import StopMechanism
 from .vllm_sleep import VllmSleep
 
 MECHANISMS: dict[int, object] = {
     1: VllmSleep(1),
     2: VllmSleep(2),
+    3: CudaSuspend(),
+    4: CriuCheckpoint(),
     5: StopMechanism(),
 }
 

@@ -1,0 +1,146 @@
+"""Level 4: CRIU checkpoint of the whole process tree to disk, and restore.
+
+Dump: drain (done by the swap engine), suspend CUDA first unless CRIU's CUDA
+plugin does it (plugin mode: plugin present and driver 580+, pass -L), check
+the disk can hold the images, dump into a fresh temporary directory, and only
+when CRIU succeeded rename it into place with a manifest: a partial or failed
+dump never counts as a checkpoint. CRIU kills the tree; every process of it
+must be reaped before a restore (a zombie keeps its PID busy).
+
+Restore: the dumped PIDs must be free; `criu restore --restore-detached` runs
+as our child and the restored tree becomes ours (we are its subreaper); the
+stored identity is refreshed (same PID, new start time); CUDA is resumed in
+suspend mode; health check; active. A failed restore keeps the images aside
+for diagnosis and cold-starts the model.
+"""
+
+from __future__ import annotations
+
+from .. import states as S
+from ..actions import Io, IoFailed, Pause, Phase, RunTool, StepFailed, Transition, WaitGone
+from ..steps import start, stop, timeout_of, wait_healthy
+from .cuda_suspend import resume, suspend
+
+# Flags the seed settled on (see research/llmux-anchor.md 1.8). --network-lock
+# nftables: the iptables default needs an iptables binary that is often absent.
+COMMON = ("--shell-job", "--ext-unix-sk", "--tcp-established", "--enable-external-masters")
+DISK_MARGIN = 1.1
+DISK_SLACK = 64 * 1024 * 1024
+REAP_TIMEOUT = 30.0
+PID_WAIT_POLLS = 50
+
+
+def dump_argv(ck, pid: int, images: str, plugin: bool) -> tuple[str, ...]:
+    argv = (ck.criu_path, "dump", *COMMON, "--link-remap", "--ghost-limit", str(ck.ghost_limit),
+            "--network-lock", ck.network_lock, "--tree", str(pid), "--images-dir", images,
+            "--log-file", "dump.log", "-v4")
+    return argv + (("-L", ck.cuda_plugin_dir) if plugin else ())
+
+
+def restore_argv(ck, images: str, plugin: bool) -> tuple[str, ...]:
+    argv = (ck.criu_path, "restore", *COMMON, "--restore-detached", "--network-lock",
+            ck.network_lock, "--images-dir", images, "--log-file", "restore.log", "-v4",
+            "--pidfile", "restore.pid")
+    return argv + (("-L", ck.cuda_plugin_dir) if plugin else ())
+
+
+def io(name: str, *args):
+    """yield from io(...): an Io operation whose failure is a StepFailed."""
+    result = yield Io(name, args)
+    if isinstance(result, IoFailed):
+        raise StepFailed(result.reason)
+    return result
+
+
+class CriuCheckpoint:
+    level = 4
+    asleep_state = S.CHECKPOINTED
+
+    def sleep(self, view, name):
+        ck = view.catalog.daemon.checkpoint
+        rt = view.runtimes[name]
+        yield Phase("checkpoint", name)
+        yield Transition(name, S.CHECKPOINTING)
+        mode = yield from io("checkpoint_mode")
+        tree = yield from io("process_tree", name)
+        root = tree[0]
+        need = yield from io("expected_image_size", name, tree)
+        free = yield from io("free_space", ck.images_dir)
+        if free < need * DISK_MARGIN + DISK_SLACK:
+            raise StepFailed(f"{name}: not enough disk for a checkpoint in {ck.images_dir}: "
+                             f"need about {need * DISK_MARGIN / 2**20:.0f} MiB, "
+                             f"{free / 2**20:.0f} MiB free")
+        cuda_pids = []
+        if mode == "suspend":
+            yield Phase("suspend", name)
+            cuda_pids = yield from suspend(view, name)
+        tmp = yield from io("prepare_images", name)
+        yield Phase("dump", name)
+        before = yield from io("link_remaps")
+        result = yield RunTool(dump_argv(ck, root, tmp, mode == "plugin"), ck.criu_timeout, name)
+        if not result.ok:
+            errors = yield from io("criu_errors", tmp, "dump.log")
+            yield Io("delete_images", (tmp,))
+            if cuda_pids:
+                yield from resume(view, name, cuda_pids, best_effort=True)
+            raise StepFailed(f"{name}: criu dump failed ({_rc(result)}): {errors}")
+        # CRIU killed the tree: wait until every process of it is reaped.
+        if not (yield WaitGone(name, REAP_TIMEOUT)):
+            raise StepFailed(f"{name}: processes still alive after criu dump")
+        after = yield from io("link_remaps")
+        manifest = {"model": name, "argv_hash": rt.extra.get("argv_hash"), "level": 4,
+                    "mode": mode, "root_pid": root, "pids": tree, "cuda_pids": cuda_pids,
+                    "link_remap": sorted(set(after) - set(before))}
+        final = yield from io("commit_images", name, tmp, manifest)
+        yield Transition(name, S.CHECKPOINTED, fields={
+            "asleep_level": 4, "images": final["path"], "image_bytes": final["bytes"],
+            "criu_mode": mode, "checkpoint_pid": root, "cuda_pids": cuda_pids})
+
+    def wake(self, view, name):
+        ck = view.catalog.daemon.checkpoint
+        rt = view.runtimes[name]
+        images = rt.extra.get("images")
+        yield Phase("restore", name)
+        yield Transition(name, S.RESTORING)
+        try:
+            manifest = yield from io("read_manifest", images)
+            for _ in range(PID_WAIT_POLLS):  # the dumped tree's zombies may be reaped late
+                busy = yield from io("busy_pids", manifest["pids"])
+                if not busy:
+                    break
+                yield Pause(0.1)
+            else:
+                raise StepFailed(f"{name}: cannot restore, PID(s) taken: {', '.join(busy)}")
+            result = yield RunTool(restore_argv(ck, images, manifest["mode"] == "plugin"),
+                                   ck.criu_timeout, name)
+            if not result.ok:
+                errors = yield from io("criu_errors", images, "restore.log")
+                raise StepFailed(f"{name}: criu restore failed ({_rc(result)}): {errors}")
+            yield from io("adopt_restored", name, manifest["root_pid"])
+            if manifest["mode"] == "suspend" and manifest["cuda_pids"]:
+                yield Phase("resume", name)
+                yield from resume(view, name, manifest["cuda_pids"])
+            yield Phase("health", name)
+            yield from wait_healthy(view, name, timeout_of(view, name, "startup_timeout"))
+        except StepFailed as exc:
+            aside = yield Io("set_aside", (images,))
+            where = aside if isinstance(aside, str) else images
+            error = f"{exc} (images kept in {where}); cold start instead"
+            yield from stop(view, name, error=error, hurry=True)
+            yield from start(view, name)
+            return
+        yield Transition(name, S.ACTIVE, fields={"images": None})
+        if not view.catalog.models[name].keep_images:
+            yield Io("delete_images", (images,))
+            yield Io("forget_link_remaps", (manifest["link_remap"],))
+
+    def discard(self, view, name):
+        """stop of a checkpointed model: its images go, it is stopped."""
+        images = view.runtimes[name].extra.get("images")
+        if images:
+            yield Io("delete_images", (images,))
+        yield Transition(name, S.STOPPED, fields={"images": None})
+
+
+def _rc(result) -> str:
+    return "deadline reached" if result.rc is None else f"exit {result.rc}"

@@ -1,0 +1,448 @@
+"""llmux-sim: a stand-in for `vllm serve`, so llmuxd can be tested without a GPU.
+
+It imitates what llmuxd depends on in vLLM 0.10-0.16 (shared/research/vllm-api.md):
+
+- Two processes, as vLLM: this API server and an EngineCore child
+  (llmuxd/sim_engine.py) in the same process group, so a supervisor must kill
+  the group; the engine outlives a SIGKILLed API server.
+- The port is bound before the engine loads but listen() only once it is
+  ready, so early connections are refused, as with uvicorn.
+- The HTTP surface: /health, /v1/models, /v1/completions (also streamed),
+  /metrics, and the dev endpoints gated by VLLM_SERVER_DEV_MODE=1, with vLLM's
+  quirks (level != 1 acts as 2, sleep "works" without --enable-sleep-mode,
+  garbage after a level-2 wake until reload_weights).
+- SIGTERM: terminate the engine (5 s, then SIGKILL) and exit 0.  SIGTERM during
+  loading raises KeyboardInterrupt, so the process dies by SIGINT, as vLLM does.
+
+Simulator knobs (delays, failure injection, fake or real CUDA state) make the
+supervisor's error paths reachable; /sim/* endpoints expose and steer them.
+Standard library only, plain sockets and threads, so CRIU can dump it.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from llmuxd import sim_engine
+
+SIM_VERSION = "0.0.0+llmux.sim"
+
+
+def log(msg):
+    print(f"INFO {time.strftime('%m-%d %H:%M:%S')} [llmux-sim pid={os.getpid()}] {msg}", flush=True)
+
+
+def parse_args(argv):
+    top = argparse.ArgumentParser(prog="llmux-sim", allow_abbrev=False,
+                                  description="A vLLM stand-in for testing llmux.")
+    sub = top.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", allow_abbrev=False, help="like `vllm serve`")
+    s.add_argument("model_tag", nargs="?")
+    s.add_argument("--model")
+    s.add_argument("--host", default="0.0.0.0")  # vLLM's default: every interface
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+")
+    s.add_argument("--enable-sleep-mode", action="store_true")
+    s.add_argument("--max-model-len", type=int, default=2048)
+    s.add_argument("--disable-uvicorn-access-log", action="store_true")
+    s.add_argument("--start-delay", type=float, default=0.0)
+    s.add_argument("--sleep-delay", type=float, default=0.0)
+    s.add_argument("--wake-delay", type=float, default=0.0)
+    s.add_argument("--token-delay", type=float, default=0.0)
+    s.add_argument("--fail-start", action="store_true")
+    s.add_argument("--fail-sleep", action="store_true")
+    s.add_argument("--fail-wake", action="store_true")
+    s.add_argument("--crash-after", type=float)
+    s.add_argument("--fake-cuda-dir", default=os.environ.get("LLMUX_SIM_FAKE_CUDA_DIR") or None)
+    s.add_argument("--cuda-mb", type=int, default=0)
+    e = sub.add_parser("engine", help=argparse.SUPPRESS)  # internal: the EngineCore child
+    e.add_argument("--fd", type=int, required=True)
+    e.add_argument("--config", required=True)
+    args, unknown = top.parse_known_args(argv)
+    if args.cmd == "serve" and not (args.model or args.model_tag):
+        s.error("a MODEL is required")
+    return args, unknown
+
+
+class SimServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, args):
+        host = args.host
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        super().__init__((host, args.port), Handler, bind_and_activate=False)
+        self.args = args
+        self.model = (args.served_model_name or [args.model or args.model_tag])[0]
+        self.dev_mode = bool(int(os.environ.get("VLLM_SERVER_DEV_MODE", "0")))
+        self.fail = {"sleep": args.fail_sleep, "wake": args.fail_wake, "health": False}
+        self.in_flight = 0
+        self.counter_lock = threading.Lock()
+        self.state = {"sleeping": False, "level": 0, "weights_ok": True, "completions": 0}
+        self.engine = None
+
+    def server_bind(self):
+        # vLLM <= 0.16 sets SO_REUSEPORT unconditionally, so a stale twin on the
+        # same port can bind too: keep that hazard visible to the supervisor.
+        if hasattr(socket, "SO_REUSEPORT"):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        socketserver.TCPServer.server_bind(self)  # skip HTTPServer's slow getfqdn()
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def engine_call(self, op, **kw):
+        reply = self.engine.call(op, **kw)
+        self.state.update(reply.get("state", {}))  # /metrics reads this without the engine
+        return reply
+
+    def count(self, delta):
+        with self.counter_lock:
+            self.in_flight += delta
+
+
+def openai_error(status, message, kind):
+    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # an idle keep-alive connection must not pin a thread forever
+
+    ROUTES = {  # path: (method, handler suffix, needs VLLM_SERVER_DEV_MODE)
+        "/health": ("GET", "health", False),
+        "/ping": ("GET", "health", False),
+        "/version": ("GET", "version", False),
+        "/v1/models": ("GET", "models", False),
+        "/v1/completions": ("POST", "completions", False),
+        "/metrics": ("GET", "metrics", False),
+        "/sleep": ("POST", "sleep", True),
+        "/wake_up": ("POST", "wake_up", True),
+        "/is_sleeping": ("GET", "is_sleeping", True),
+        "/collective_rpc": ("POST", "collective_rpc", True),
+        "/reset_prefix_cache": ("POST", "reset_prefix_cache", True),
+        "/sim/state": ("GET", "sim_state", False),
+        "/sim/fail": ("POST", "sim_fail", False),
+        "/sim/crash": ("POST", "sim_crash", False),
+    }
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def dispatch(self, method):
+        srv = self.server
+        url = urlsplit(self.path)
+        self.query = parse_qs(url.query)
+        try:
+            self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        except ValueError:
+            self.close_connection = True
+            return self.send_json(400, {"detail": "bad Content-Length"})
+        route = self.ROUTES.get(url.path)
+        if route is None or (route[2] and not srv.dev_mode):
+            return self.send_json(404, {"detail": "Not Found"})
+        if route[0] != method:
+            return self.send_json(405, {"detail": "Method Not Allowed"})
+        try:
+            getattr(self, "route_" + route[1])(srv)
+        except sim_engine.EngineDead:
+            self.send_json(500, {"error": "EngineCore died (EngineDeadError)"})
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away; nothing to answer
+
+    # --- plumbing ------------------------------------------------------------
+
+    def send_body(self, status, body=b"", ctype="application/json"):
+        self.send_response(status)
+        if body:
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_json(self, status, obj):
+        self.send_body(status, json.dumps(obj).encode())
+
+    def send_chunk(self, data):
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+    def version_string(self):
+        return "uvicorn"
+
+    def log_request(self, code="-", size="-"):
+        if not self.server.args.disable_uvicorn_access_log:
+            host, port = self.client_address[:2]
+            print(f'INFO:     {host}:{port} - "{self.requestline}" {int(code)}', flush=True)
+
+    def log_message(self, fmt, *args):
+        print("WARNING: " + fmt % args, flush=True)
+
+    # --- vLLM routes ---------------------------------------------------------
+
+    def route_health(self, srv):
+        # vLLM's check_health() only asks "is the engine dead?", so a sleeping
+        # model is healthy.
+        self.send_body(200 if srv.engine.alive() and not srv.fail["health"] else 503)
+
+    def route_version(self, srv):
+        self.send_json(200, {"version": SIM_VERSION})
+
+    def route_models(self, srv):
+        now = int(time.time())
+        perm = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": now,
+                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                "organization": "*", "group": None, "is_blocking": False}
+        card = {"id": srv.model, "object": "model", "created": now, "owned_by": "vllm",
+                "root": srv.args.model or srv.args.model_tag, "parent": None,
+                "max_model_len": srv.args.max_model_len, "permission": [perm]}
+        self.send_json(200, {"object": "list", "data": [card]})
+
+    def route_completions(self, srv):
+        try:
+            req = json.loads(self.body)
+            assert isinstance(req, dict)
+        except (ValueError, AssertionError):
+            return self.send_json(400, openai_error(400, "body must be a JSON object", "BadRequestError"))
+        model = req.get("model") or srv.model
+        if model != srv.model:
+            return self.send_json(404, openai_error(404, f"The model `{model}` does not exist.",
+                                                    "NotFoundError"))
+        prompt = req.get("prompt")
+        if isinstance(prompt, list):
+            prompt = " ".join(map(str, prompt))
+        max_tokens = req.get("max_tokens")
+        max_tokens = 16 if max_tokens is None else max_tokens
+        if not isinstance(prompt, str) or type(max_tokens) is not int or max_tokens < 1:
+            return self.send_json(400, openai_error(
+                400, "prompt must be a string and max_tokens a positive integer", "BadRequestError"))
+        srv.count(+1)  # "running" from now until the engine is done with it
+        self.running = True
+        try:
+            reply = srv.engine_call("generate", prompt=prompt, max_tokens=max_tokens)
+            if not reply["ok"]:
+                return self.send_json(reply["status"], {"error": reply["error"]})
+            base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
+                    "created": int(time.time()), "model": model,
+                    "llmux_sim": {"completions": reply["completions"], "engine_pid": reply["engine_pid"]}}
+            if req.get("stream"):
+                self.stream(base, reply["tokens"], srv.args.token_delay)
+            else:
+                for _ in reply["tokens"]:
+                    time.sleep(srv.args.token_delay)
+                self.finish()
+                n_prompt = max(1, len(prompt.split()))
+                choice = {"index": 0, "text": "".join(reply["tokens"]), "logprobs": None,
+                          "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None}
+                usage = {"prompt_tokens": n_prompt, "total_tokens": n_prompt + max_tokens,
+                         "completion_tokens": max_tokens, "prompt_tokens_details": None}
+                self.send_json(200, dict(base, choices=[choice], usage=usage))
+        finally:
+            self.finish()
+
+    def finish(self):
+        # Leave the running gauge before the last bytes go out, as vLLM's engine
+        # does, so a client that read its answer never sees itself still running.
+        if self.running:
+            self.running = False
+            self.server.count(-1)
+
+    def stream(self, base, tokens, delay):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i, tok in enumerate(tokens):
+            time.sleep(delay)
+            last = i == len(tokens) - 1
+            if last:
+                self.finish()
+            choice = {"index": 0, "text": tok, "logprobs": None,
+                      "finish_reason": "length" if last else None, "stop_reason": None}
+            self.send_chunk(b"data: %s\n\n" % json.dumps(dict(base, choices=[choice])).encode())
+        self.send_chunk(b"data: [DONE]\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+
+    def route_metrics(self, srv):
+        labels = 'model_name="%s",engine="0"' % srv.model.replace("\\", "\\\\").replace('"', '\\"')
+        st = srv.state
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+            lines.extend(f"{name}{lbl} {float(v)}" for lbl, v in samples)
+
+        metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+               [("{%s}" % labels, srv.in_flight)])
+        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+               [("{%s}" % labels, 0)])
+        level = st["level"] if st["sleeping"] else 0
+        metric("vllm:engine_sleep_state", "gauge", "Engine sleep state; awake = 0 means engine is sleeping; "
+               "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+               [('{%s,sleep_state="%s"}' % (labels, name), int(on)) for name, on in
+                (("awake", not st["sleeping"]), ("weights_offloaded", level == 1),
+                 ("discard_all", level == 2))])
+        metric("llmux_sim_completions_total", "counter", "Completions served by the simulated engine.",
+               [("", st["completions"])])
+        self.send_body(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    def route_sleep(self, srv):
+        try:
+            level = int(self.query.get("level", ["1"])[0])
+        except ValueError as e:  # vLLM <= 0.16 does int(level) unguarded: a 500
+            return self.send_json(500, {"error": f"ValueError: {e}"})
+        if srv.fail["sleep"]:
+            return self.send_json(500, {"error": "Call to sleep method failed: simulated failure"})
+        log(f"sleep(level={level})")
+        srv.engine_call("sleep", level=level)
+        self.send_body(200)
+
+    def route_wake_up(self, srv):
+        if srv.fail["wake"]:
+            return self.send_json(500, {"error": "Call to wake_up method failed: simulated failure "
+                                                 "(CUDA Error: out of memory)"})
+        tags = self.query.get("tags", [])
+        log(f"wake_up(tags={tags or 'all'})")
+        srv.engine_call("wake_up", tags=tags)
+        self.send_body(200)
+
+    def route_is_sleeping(self, srv):
+        self.send_json(200, {"is_sleeping": srv.engine_call("state")["state"]["sleeping"]})
+
+    def route_collective_rpc(self, srv):
+        try:
+            body = json.loads(self.body)
+        except ValueError as e:
+            return self.send_json(400, {"error": f"JSON decode error: {e}"})
+        method = body.get("method") if isinstance(body, dict) else None
+        if method is None:
+            return self.send_json(400, {"error": "Missing 'method' in request body"})
+        reply = srv.engine_call("collective_rpc", method=method)
+        if not reply["ok"]:
+            return self.send_json(reply["status"], {"error": reply["error"]})
+        self.send_json(200, {"results": reply["results"]})
+
+    def route_reset_prefix_cache(self, srv):
+        srv.engine_call("reset_prefix_cache")
+        self.send_body(200)
+
+    # --- simulator routes ----------------------------------------------------
+
+    def route_sim_state(self, srv):
+        r = srv.engine_call("state")
+        self.send_json(200, dict(
+            r["state"], pid=os.getpid(), engine_pid=r["engine_pid"], model=srv.model, ready=True,
+            cuda=r["cuda"], fake_cuda=r["fake_cuda"], sleep_mode_enabled=r["sleep_mode_enabled"],
+            freed_mb=r["freed_mb"], sleeping_tags=r["sleeping_tags"], in_flight=srv.in_flight,
+            fail=srv.fail))
+
+    def route_sim_fail(self, srv):
+        what = self.query.get("what", [""])[0]
+        if what == "none":
+            srv.fail.update(dict.fromkeys(srv.fail, False))
+        elif what in srv.fail:
+            srv.fail[what] = True
+        else:
+            return self.send_json(400, {"error": "what must be one of sleep, wake, health, none"})
+        log(f"failure injection now {srv.fail}")
+        self.send_json(200, {"fail": srv.fail})
+
+    def route_sim_crash(self, srv):
+        self.send_json(200, {"crashing": True})
+        crash("/sim/crash")
+
+
+def serve(args):
+    server = SimServer(args)
+    cuda_file = sim_engine.fake_cuda_path(args.fake_cuda_dir)
+    sim_engine.write_fake_cuda(cuda_file)
+    log(f"vLLM API server version {SIM_VERSION} (simulated), model {server.model}")
+    if server.dev_mode:
+        log("SECURITY WARNING: Development endpoints are enabled! This should NOT be used in production!")
+    try:
+        server.server_bind()  # bound now, listening only once the engine is ready
+    except OSError as e:
+        print(f"ERROR: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
+        sim_engine.remove_fake_cuda(cuda_file)
+        return 1
+
+    def interrupt(signum, frame):  # vLLM during startup: KeyboardInterrupt("terminated")
+        raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    cfg = {"model": server.model, "start_delay": args.start_delay, "sleep_delay": args.sleep_delay,
+           "wake_delay": args.wake_delay, "fail_start": args.fail_start,
+           "enable_sleep_mode": args.enable_sleep_mode, "fake_cuda_dir": args.fake_cuda_dir,
+           "cuda_mb": args.cuda_mb}
+    try:
+        server.engine = sim_engine.EngineClient(cfg)
+        server.engine.wait_ready()
+    except sim_engine.EngineDead:
+        print("RuntimeError: Engine core initialization failed. See root cause above. "
+              f"Failed core proc(s): {{'EngineCore_DP0': {server.engine.proc.wait()}}}",
+              file=sys.stderr, flush=True)
+        sim_engine.remove_fake_cuda(cuda_file)
+        return 1
+    except KeyboardInterrupt:
+        if server.engine:
+            server.engine.stop()
+        sim_engine.remove_fake_cuda(cuda_file)
+        raise  # CPython then kills itself with SIGINT, as vLLM does
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    server.server_activate()
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log(f"Starting vLLM API server 0 on http://{args.host}:{server.server_port}")
+    if args.crash_after is not None:
+        threading.Timer(args.crash_after, crash, ("--crash-after",)).start()
+
+    # vLLM's watchdog: once the engine is dead, the API server exits within
+    # VLLM_WATCHDOG_TIME_S (5 s) unless VLLM_KEEP_ALIVE_ON_ENGINE_DEATH=1.
+    keep_alive = bool(int(os.environ.get("VLLM_KEEP_ALIVE_ON_ENGINE_DEATH", "0")))
+    watchdog_s = float(os.environ.get("LLMUX_SIM_WATCHDOG_S", "5"))
+    dead_since, status = None, 0
+    while not stop.wait(0.1):
+        if dead_since is None and not server.engine.alive():
+            dead_since = time.monotonic()
+            log("EngineCore died; /health now answers 503")
+        if dead_since is not None and not keep_alive and time.monotonic() - dead_since >= watchdog_s:
+            log("Engine is dead; shutting down the API server")
+            status = 1
+            break
+    log("Shutting down")
+    server.shutdown()
+    server.server_close()
+    server.engine.stop()
+    sim_engine.remove_fake_cuda(cuda_file)
+    log("Application shutdown complete.")
+    return status
+
+
+def crash(why):
+    print(f"llmux-sim: simulated crash ({why})", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def main(argv=None):
+    args, unknown = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.cmd == "engine":
+        sys.exit(sim_engine.run_engine(args.fd, json.loads(args.config)))
+    if unknown:
+        log(f"ignoring vLLM arguments: {' '.join(unknown)}")
+    sys.exit(serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""The EngineCore half of llmux-sim (see llmuxd/sim.py for the API server half).
+
+Real vLLM splits `vllm serve` into an API server process and an EngineCore child
+that holds the model and, with tensor parallelism 1, the CUDA context.  llmuxd
+has to cope with exactly that split: the pid it spawned is not the pid that
+holds the GPU, a SIGKILL of the API server leaves the engine running, and sleep
+or wake state lives in the engine.  This module is that child.  It holds the
+simulated model state and answers one newline-delimited JSON request at a time
+on a socketpair inherited from the API server.
+
+It is started as `python -m llmuxd.sim engine --fd N --config JSON`; the
+subcommand is internal.  Plain sockets, pipes and threads only, so that CRIU can
+checkpoint and restore it.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import zlib
+
+# vLLM's EngineCore outlives a killed API server (vllm #55510 and friends); we
+# imitate that, but bounded, so a forgotten simulator does not linger forever.
+ORPHAN_EXIT_DELAY_S = 30.0
+
+VOCAB = ("the", "model", "says", "hello", "to", "a", "small", "green", "swap",
+         "of", "sleepy", "weights", "on", "one", "bright", "GPU")
+ALL_TAGS = ("weights", "kv_cache")
+ENGINE_STOP_TIMEOUT_S = 5.0  # vLLM joins EngineCore for 5 s, then kill_process_tree
+
+
+def log(msg):
+    print(f"(EngineCore_DP0 pid={os.getpid()}) {msg}", flush=True)
+
+
+# --- fake CUDA: a file per process that a cuda-checkpoint stand-in rewrites --
+
+def fake_cuda_path(directory):
+    return os.path.join(directory, str(os.getpid())) if directory else None
+
+
+def write_fake_cuda(path, content="running"):
+    if path:
+        with open(path, "w") as f:
+            f.write(content)
+
+
+def read_fake_cuda(path):
+    if not path:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except FileNotFoundError:
+        return "missing"
+
+
+def remove_fake_cuda(path):
+    if path:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+
+
+# --- real CUDA: N MiB of GPU memory standing in for the weights -------------
+
+class GpuWeights:
+    """A uint8 tensor filled with i % 251, so corruption after a CUDA checkpoint,
+    an offload or a discard is detectable by recomputing the pattern on the GPU."""
+
+    CHUNK = 16 << 20  # elements per pattern chunk: bounds the int64 temporaries
+
+    def __init__(self, torch, mb):
+        self.torch, self.mb, self.n = torch, mb, mb << 20
+        self.device = torch.cuda.get_device_name(0)
+        self.gpu = torch.empty(self.n, dtype=torch.uint8, device="cuda")
+        self.cpu = None
+        self.fill()
+
+    def _pattern(self, a, b):
+        t = self.torch
+        return (t.arange(a, b, dtype=t.int64, device="cuda") % 251).to(t.uint8)
+
+    def _chunks(self):
+        return ((a, min(a + self.CHUNK, self.n)) for a in range(0, self.n, self.CHUNK))
+
+    def fill(self):
+        if self.gpu is not None:
+            for a, b in self._chunks():
+                self.gpu[a:b].copy_(self._pattern(a, b))
+            self.torch.cuda.synchronize()
+
+    def intact(self):
+        if self.gpu is None:
+            return False
+        return all(self.torch.equal(self.gpu[a:b], self._pattern(a, b)) for a, b in self._chunks())
+
+    def offload(self):  # level 1: weights to host RAM, GPU memory released
+        self.cpu, self.gpu = self.gpu.cpu(), None
+        self.torch.cuda.empty_cache()
+
+    def discard(self):  # level 2: weights dropped
+        self.cpu = self.gpu = None
+        self.torch.cuda.empty_cache()
+
+    def restore(self):  # wake: copy back, or fresh zeros until reload_weights
+        if self.cpu is not None:
+            self.gpu, self.cpu = self.cpu.to("cuda"), None
+        elif self.gpu is None:
+            self.gpu = self.torch.zeros(self.n, dtype=self.torch.uint8, device="cuda")
+
+    def info(self):
+        return {"mb": self.mb, "intact": self.intact(), "device": self.device,
+                "resident": self.gpu is not None}
+
+
+def load_gpu(mb):
+    try:
+        import torch
+    except ImportError:
+        torch = None
+    if torch is None or not torch.cuda.is_available():
+        print(f"WARNING: --cuda-mb {mb} ignored: torch with CUDA is not available",
+              file=sys.stderr, flush=True)
+        return None
+    gpu = GpuWeights(torch, mb)
+    log(f"Allocated {mb} MiB on {gpu.device}")
+    return gpu
+
+
+# --- the engine --------------------------------------------------------------
+
+def make_tokens(prompt, n, weights_ok):
+    if not weights_ok:  # what vLLM serves after a level-2 wake without reload_weights
+        return ["!"] * n
+    return [" " + VOCAB[zlib.crc32(f"{prompt}\0{i}".encode()) % len(VOCAB)] for i in range(n)]
+
+
+class Engine:
+    def __init__(self, cfg, cuda_file):
+        self.cfg = cfg
+        self.cuda_file = cuda_file
+        self.completions = 0
+        self.sleeping_tags = set()  # like vLLM's executor: asleep until every tag woke
+        self.level = 0              # 0 awake, else the level of the current sleep
+        self.weights_ok = True
+        self.freed_mb = 0
+        self.gpu = load_gpu(cfg["cuda_mb"]) if cfg.get("cuda_mb") else None
+
+    def snapshot(self):
+        return {"sleeping": bool(self.sleeping_tags), "level": self.level,
+                "weights_ok": self.weights_ok, "completions": self.completions}
+
+    def handle(self, req):
+        op = getattr(self, "op_" + str(req.get("op")), None)
+        if op is None:
+            return {"ok": False, "status": 500, "error": f"unknown engine op {req.get('op')!r}"}
+        reply = op(req) or {}
+        reply.setdefault("ok", True)
+        reply["state"] = self.snapshot()
+        return reply
+
+    def op_state(self, req):
+        return {"engine_pid": os.getpid(), "fake_cuda": read_fake_cuda(self.cuda_file),
+                "cuda": self.gpu.info() if self.gpu else None,
+                "sleep_mode_enabled": self.cfg["enable_sleep_mode"], "freed_mb": self.freed_mb,
+                "sleeping_tags": sorted(self.sleeping_tags)}
+
+    def op_generate(self, req):
+        cuda = read_fake_cuda(self.cuda_file)
+        if cuda not in (None, "running"):
+            return {"ok": False, "status": 503, "error": f"CUDA state is {cuda}"}
+        if self.sleeping_tags:
+            # Real vLLM may crash with an illegal memory access here; we refuse.
+            return {"ok": False, "status": 503, "error": "The model is sleeping"}
+        self.completions += 1
+        return {"tokens": make_tokens(req["prompt"], req["max_tokens"], self.weights_ok),
+                "completions": self.completions, "engine_pid": os.getpid()}
+
+    def op_sleep(self, req):
+        if self.sleeping_tags:
+            log("Executor is already sleeping.")
+            return None
+        t0 = time.monotonic()
+        time.sleep(self.cfg["sleep_delay"])
+        # vLLM <= 0.16: any level other than 1 acts as level 2 at the worker.
+        self.level = 1 if req.get("level") == 1 else 2
+        self.freed_mb = 0
+        # Without --enable-sleep-mode nothing is tracked by CuMemAllocator, so
+        # sleep "succeeds" and frees nothing: the weights stay where they were.
+        if self.cfg["enable_sleep_mode"]:
+            if self.gpu:
+                self.gpu.offload() if self.level == 1 else self.gpu.discard()
+                self.freed_mb = self.gpu.mb
+        self.sleeping_tags = set(ALL_TAGS)
+        log(f"It took {time.monotonic() - t0:.6f} seconds to fall asleep. "
+            f"Sleep mode freed {self.freed_mb / 1024:.2f} GiB memory (level {self.level}).")
+        return None
+
+    def op_wake_up(self, req):
+        tags = req.get("tags") or list(ALL_TAGS)
+        if not self.sleeping_tags:
+            log("Executor is not sleeping.")
+            return None
+        for tag in tags:
+            if tag not in self.sleeping_tags:
+                log(f"Tag {tag} is not in sleeping tags {sorted(self.sleeping_tags)}")
+                return None
+        time.sleep(self.cfg["wake_delay"])
+        if "weights" in tags and self.cfg["enable_sleep_mode"]:
+            if self.level == 2:
+                self.weights_ok = False  # fresh, uninitialised weights: garbage out
+            if self.gpu:
+                self.gpu.restore()
+        self.sleeping_tags -= set(tags)
+        if not self.sleeping_tags:
+            self.level = 0
+        log(f"Woke up tags {sorted(tags)}; still sleeping: {sorted(self.sleeping_tags)}")
+        return None
+
+    def op_collective_rpc(self, req):
+        method = req.get("method")
+        if method != "reload_weights":
+            return {"ok": False, "status": 500,
+                    "error": f"'Worker' object has no attribute {method!r}"}
+        self.weights_ok = True
+        if self.gpu:
+            self.gpu.fill()
+        log("Reloaded weights")
+        return {"results": [None]}
+
+    def op_reset_prefix_cache(self, req):
+        return None
+
+
+def run_engine(fd, cfg):
+    """Entry point of the EngineCore process; returns the exit status."""
+    cuda_file = fake_cuda_path(cfg.get("fake_cuda_dir"))
+    write_fake_cuda(cuda_file)
+
+    def on_signal(signum, frame):  # like vLLM's EngineCore: SystemExit, clean exit 0
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return _serve(socket.socket(fileno=fd), cfg, cuda_file)
+    finally:
+        remove_fake_cuda(cuda_file)  # clean exits only; a SIGKILL leaves it behind
+
+
+def _serve(sock, cfg, cuda_file):
+    rfile = sock.makefile("rb")
+    time.sleep(cfg["start_delay"])  # "loading the model"
+    if cfg["fail_start"]:
+        print("ERROR: EngineCore failed to start: simulated failure (--fail-start)",
+              file=sys.stderr, flush=True)
+        return 1
+    engine = Engine(cfg, cuda_file)
+    try:
+        sock.sendall(json.dumps({"ready": True, "engine_pid": os.getpid()}).encode() + b"\n")
+        log("Engine ready")
+        while True:
+            line = rfile.readline()
+            if not line:
+                break
+            try:
+                reply = engine.handle(json.loads(line))
+            except Exception as e:  # a bad request must not kill the engine
+                reply = {"ok": False, "status": 500, "error": f"{type(e).__name__}: {e}"}
+            sock.sendall(json.dumps(reply).encode() + b"\n")
+    except OSError:
+        pass  # the API server vanished mid-write: same as EOF
+    log(f"Lost the API server; exiting in {ORPHAN_EXIT_DELAY_S:.0f} s")
+    time.sleep(ORPHAN_EXIT_DELAY_S)
+    return 0
+
+
+# --- the API server's side of the socketpair ---------------------------------
+
+class EngineDead(Exception):
+    pass
+
+
+class EngineClient:
+    """The API server's end of the socketpair: one request/response at a time."""
+
+    def __init__(self, cfg):
+        ours, theirs = socket.socketpair()
+        env = dict(os.environ)
+        # The engine re-imports this package; make that work from any cwd.
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        # No setsid/setpgid: like vLLM, the engine stays in our process group.
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "llmuxd.sim", "engine", "--fd", str(theirs.fileno()),
+             "--config", json.dumps(cfg)], pass_fds=(theirs.fileno(),), env=env)
+        theirs.close()
+        self.sock, self.rfile = ours, ours.makefile("rb")
+        self.lock = threading.Lock()
+        self.dead = False
+
+    def _readline(self):
+        try:
+            line = self.rfile.readline()
+        except OSError:
+            line = b""
+        if not line:
+            self.dead = True
+            raise EngineDead("EngineCore died")
+        return json.loads(line)
+
+    def wait_ready(self):
+        return self._readline()
+
+    def call(self, op, **kw):
+        with self.lock:
+            if self.dead:
+                raise EngineDead("EngineCore died")
+            try:
+                self.sock.sendall(json.dumps(dict(kw, op=op)).encode() + b"\n")
+            except OSError:
+                self.dead = True
+                raise EngineDead("EngineCore died")
+            return self._readline()
+
+    def alive(self):
+        return not self.dead and self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(ENGINE_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
