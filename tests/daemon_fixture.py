@@ -45,7 +45,11 @@ class Daemon:
         settings = {"socket": self.socket, "state_dir": str(tmp / "state"), "vllm_command": SIM,
                     "stop_timeout": 5, "drain_timeout": 2, "health_interval": 0.5,
                     "restart_backoff": 0.1, **(daemon or {})}
+        nested = {k: settings.pop(k) for k in list(settings) if isinstance(settings[k], dict)}
         lines = ["[daemon]"] + [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+        for table, values in nested.items():
+            lines.append(f"[daemon.{table}]")
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items()]
         for name, m in models.items():
             m = dict(m)
             self.ports[name] = m.setdefault("port", free_port())
