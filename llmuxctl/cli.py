@@ -103,6 +103,15 @@ def reload(ctx: click.Context) -> None:
 
 
 @main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def doctor(ctx: click.Context, as_json: bool) -> None:
+    """What this host supports for levels 3 and 4 (CUDA suspend, CRIU), and why not."""
+    facts = call(ctx, {"cmd": "doctor"}, timeout=120).get("doctor", {})
+    click.echo(json.dumps(facts, indent=2) if as_json else render.doctor(facts))
+
+
+@main.command()
 @click.argument("model")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines.")
 @click.option("-n", "--lines", default=50, show_default=True, type=click.IntRange(0, 10000))

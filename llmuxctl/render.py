@@ -54,3 +54,27 @@ def status_table(status: dict, colour: bool) -> str:
 
 def progress(event: dict) -> str:
     return f"[{event.get('elapsed', 0):7.2f}s] {event.get('model', '')}: {event.get('phase', '')}"
+
+
+def doctor(facts: dict) -> str:
+    criu = facts.get("criu", {})
+    cuda = facts.get("cuda_checkpoint", {})
+    levels = facts.get("levels", {})
+    rows = [
+        ("kernel", facts.get("kernel")),
+        ("privileges", f"euid {facts.get('euid')}, CAP_SYS_ADMIN "
+                       f"{'yes' if facts.get('cap_sys_admin') else 'no'}, CAP_CHECKPOINT_RESTORE "
+                       f"{'yes' if facts.get('cap_checkpoint_restore') else 'no'}"),
+        ("NVIDIA driver", facts.get("driver") or "none"),
+        ("CUDA checkpoint API", ("available" if cuda.get("api") else "unavailable")
+         + f" ({cuda.get('answer')}) via {cuda.get('tool')}"),
+        ("criu", f"{criu.get('version') or criu.get('error')} at {criu.get('path')}"),
+        ("criu check", criu.get("check", "-")),
+        ("CUDA plugin", f"{'present' if facts.get('plugin') else 'absent'} ({facts.get('plugin_path')})"),
+        ("images dir", f"{facts.get('images_dir')} "
+                       f"({(facts.get('images_free_bytes') or 0) / 2**30:.1f} GiB free)"),
+        ("level 3", levels.get("3")),
+        ("level 4", levels.get("4")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

@@ -197,6 +197,30 @@ def dir_bytes(path: str) -> int:
     return total
 
 
+def host_facts(d) -> dict:
+    """Kernel, privileges, driver and plugin: the static half of `doctor`."""
+    caps = 0
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+    ck = d.catalog.daemon.checkpoint
+    driver = None
+    try:
+        with open("/sys/module/nvidia/version") as f:
+            driver = f.read().strip()
+    except OSError:
+        pass
+    return {"kernel": os.uname().release, "euid": os.geteuid(),
+            "cap_sys_admin": bool(caps & (1 << 21)),
+            "cap_checkpoint_restore": bool(caps & (1 << 40)),
+            "driver": driver, "driver_major": driver_version(),
+            "plugin": os.path.exists(os.path.join(ck.cuda_plugin_dir, "cuda_plugin.so")),
+            "plugin_path": os.path.join(ck.cuda_plugin_dir, "cuda_plugin.so"),
+            "images_dir": ck.images_dir,
+            "images_free_bytes": free_space(d, ck.images_dir)}
+
+
 def images_on_disk(d, name: str) -> str | None:
     path = os.path.join(_images_dir(d), name)
     return path if os.path.exists(os.path.join(path, MANIFEST)) else None
@@ -205,4 +229,4 @@ def images_on_disk(d, name: str) -> str | None:
 OPERATIONS = {f.__name__: f for f in (
     process_tree, expected_image_size, free_space, checkpoint_mode, prepare_images,
     commit_images, read_manifest, busy_pids, adopt_restored, criu_errors, delete_images,
-    set_aside, link_remaps, forget_link_remaps, images_on_disk)}
+    set_aside, link_remaps, forget_link_remaps, images_on_disk, host_facts)}

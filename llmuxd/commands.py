@@ -15,6 +15,7 @@ import time
 from . import __version__, launch
 from . import states as S
 from .protocol import ProtocolError, decode_request
+from .doctor import doctor_plan
 from .swap import sleep_plan, stop_plan, swap_plan
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,9 @@ class Commands:
         name = self._model(request)
         self._exclusive(client, f"stop {name}")
         self.d.start_job("stop", name, stop_plan(self.d, name), client)
+
+    def cmd_doctor(self, client, request) -> None:
+        self.d.start_job("doctor", None, doctor_plan(self.d), client, exclusive=False)
 
     def cmd_reload(self, client, request) -> None:
         if self.d.shutting_down:

@@ -111,17 +111,20 @@ class Daemon:
         self.reactor.call_later(REAP_SWEEP, self._periodic_reap)
 
     # -- jobs ----------------------------------------------------------------------
-    def start_job(self, kind: str, model: str | None, plan, client=None, on_done=None) -> Job:
+    def start_job(self, kind: str, model: str | None, plan, client=None, on_done=None,
+                  exclusive: bool = True) -> Job:
         def done(job: Job) -> None:
             reply = {"ok": job.ok, "model": job.model,
                      "elapsed": round(time.monotonic() - job.started, 3), "phases": job.phases}
             reply["message" if job.ok else "error"] = job.message
+            if isinstance(job.result, dict):
+                reply[kind] = job.result
             for waiter in job.waiters:
                 waiter.finish(reply)
             self.notifier.status(self.status_line())
             if on_done is not None:
                 on_done(job)
-        job = Job(kind, model, plan, on_done=done)
+        job = Job(kind, model, plan, on_done=done, exclusive=exclusive)
         if client is not None:
             client.busy = True
             job.waiters.append(client)

@@ -40,6 +40,8 @@ class Job:
     cancel: Callable[[], None] | None = None
     ok: bool | None = None
     message: str = ""
+    result: object = None
+    exclusive: bool = True    # holds the one job slot (changes GPU memory); doctor does not
 
     def describe(self) -> str:
         return f"{self.kind} {self.model}" if self.model else self.kind
@@ -57,11 +59,12 @@ class Runner:
     # -- driving ---------------------------------------------------------------
     def start(self, job: Job) -> None:
         log.info("job started: %s", job.describe())
-        self.d.job = job
+        if job.exclusive:
+            self.d.job = job
         self._step(job, None)
 
     def _resume(self, job: Job, value) -> None:
-        if self.d.job is not job or job.ok is not None:
+        if job.ok is not None:
             return  # aborted meanwhile: the result belongs to nobody
         job.cancel = None
         self._step(job, value)
@@ -71,7 +74,8 @@ class Runner:
             try:
                 op = job.plan.send(value)
             except StopIteration as stop:
-                self._finish(job, True, stop.value or "done")
+                job.result = stop.value
+                self._finish(job, True, stop.value if isinstance(stop.value, str) else "done")
                 return
             except StepFailed as exc:
                 self._finish(job, False, str(exc))

@@ -376,16 +376,23 @@ def serve(args):
         sim_engine.remove_fake_cuda(cuda_file)
         return 1
 
+    interrupted = []
+
     def interrupt(signum, frame):  # vLLM during startup: KeyboardInterrupt("terminated")
-        raise KeyboardInterrupt("terminated")
+        interrupted.append(signum)
+        if server.engine is not None:  # mid-spawn we could not stop the engine: defer
+            raise KeyboardInterrupt("terminated")
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     cfg = {"model": server.model, "start_delay": args.start_delay, "sleep_delay": args.sleep_delay,
            "wake_delay": args.wake_delay, "fail_start": args.fail_start,
            "enable_sleep_mode": args.enable_sleep_mode, "fake_cuda_dir": args.fake_cuda_dir,
            "cuda_mb": args.cuda_mb}
     try:
         server.engine = sim_engine.EngineClient(cfg)
+        if interrupted:
+            raise KeyboardInterrupt("terminated")
         server.engine.wait_ready()
     except sim_engine.EngineDead:
         print("RuntimeError: Engine core initialization failed. See root cause above. "

@@ -191,3 +191,24 @@ def test_level4_keep_images_keeps_them_after_restore(make_daemon):
     assert d.swap("a")["ok"] and d.swap("b")["ok"] and d.swap("a")["ok"]
     assert (d.tmp / "state" / "checkpoints" / "a" / "manifest.json").exists()
     assert d.swap("b")["ok"] and d.state("a") == "checkpointed"  # a fresh dump replaces them
+
+
+def test_doctor_reports_tools_and_modes(make_daemon, cuda_dir, tmp_path):
+    missing = str(tmp_path / "no-criu")
+    d = make_daemon({"a": {}}, {"checkpoint": {"cuda_checkpoint": FAKE_CUDA, "criu_path": missing}},
+                    env={"LLMUX_SIM_FAKE_CUDA_DIR": str(cuda_dir)})
+    facts = d.call({"cmd": "doctor"})["doctor"]
+    assert facts["cuda_checkpoint"]["api"] is True  # the stand-in answers like the driver
+    assert facts["levels"]["3"] == "available"
+    assert facts["levels"]["4"].startswith("unavailable (criu: cannot run")
+    assert facts["kernel"] == os.uname().release and "images_free_bytes" in facts
+    r = d.ctl("doctor")
+    assert r.returncode == 0 and "level 4" in r.stdout and "unavailable" in r.stdout
+
+
+@needs_criu
+def test_doctor_with_criu_chooses_suspend_mode_without_plugin(make_daemon):
+    d = make_daemon({"a": {}}, {"checkpoint": {"criu_path": CRIU}})
+    facts = d.call({"cmd": "doctor"})["doctor"]
+    assert facts["criu"]["check"] == "ok" and facts["criu"]["version"].startswith("Version: 4.")
+    assert facts["levels"]["4"].startswith("suspend mode") and facts["plugin"] is False
