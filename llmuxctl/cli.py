@@ -95,6 +95,16 @@ def stop(ctx: click.Context, model: str) -> None:
 
 
 @main.command()
+@click.argument("model", required=False)
+@click.option("--force", is_flag=True, help="Even if requests are in flight.")
+@click.pass_context
+def restart(ctx: click.Context, model: str | None, force: bool) -> None:
+    """Restart MODEL (default: the active one) so a changed definition applies."""
+    reply = call(ctx, {"cmd": "restart", "model": model, "force": force}, timeout=None)
+    click.echo(reply.get("message", "done"))
+
+
+@main.command()
 @click.pass_context
 def reload(ctx: click.Context) -> None:
     """Re-read the catalog now."""

@@ -62,6 +62,8 @@ class DaemonSettings:
     restart_limit: int = 5
     restart_window: float = 600.0
     restart_backoff: float = 1.0
+    shutdown: str = "stop"                 # on TERM: "stop" every model, "checkpoint" the active
+                                           # one first (level 4), or "keep" them running to adopt
     checkpoint: CheckpointSettings = CheckpointSettings()
 
 
@@ -164,6 +166,13 @@ def _positive(value: Any, where: str) -> float:
     return seconds
 
 
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    text = _string(value, where)
+    if text not in choices:
+        raise ValueError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {text!r}")
+    return text
+
+
 def _mode(value: Any, where: str) -> int:
     if isinstance(value, str):
         if not re.fullmatch(r"(0o)?[0-7]{1,4}", value.strip()):
@@ -219,14 +228,17 @@ _duration: _Conv = parse_duration
 _CHECKPOINT_KEYS: dict[str, _Conv] = {
     "criu_path": _string, "cuda_checkpoint": _string, "cuda_plugin_dir": _string,
     "images_dir": _maybe_empty, "ghost_limit": _integer, "criu_timeout": _duration,
-    "cuda_timeout": _duration, "network_lock": _string}
+    "cuda_timeout": _duration,
+    "network_lock": lambda v, where: _choice(v, where, ("nftables", "iptables", "skip"))}
 _DAEMON_KEYS: dict[str, _Conv | None] = {
     "socket": _string, "socket_mode": _mode, "state_dir": _string, "log_dir": _maybe_empty,
     "vllm_command": _command, "default_model": _string, "drain_timeout": _duration,
     "stop_timeout": _duration, "startup_timeout": _duration, "sleep_timeout": _duration,
     "wake_timeout": _duration, "health_interval": _positive,
     "health_failures": partial(_integer, lo=1), "restart_limit": _integer,
-    "restart_window": _duration, "restart_backoff": _duration, "checkpoint": None}
+    "restart_window": _duration, "restart_backoff": _duration, "checkpoint": None,
+    "shutdown": lambda v, where: _choice(v, where, ("stop", "checkpoint", "keep")),
+}
 _MODEL_KEYS: dict[str, _Conv] = {
     "model": _string, "port": partial(_integer, lo=1, hi=65535),
     "sleep_level": partial(_integer, lo=1, hi=5), "args": _string_list, "env": _env,

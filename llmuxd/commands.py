@@ -16,7 +16,7 @@ from . import __version__, launch
 from . import states as S
 from .protocol import ProtocolError, decode_request
 from .doctor import doctor_plan
-from .swap import sleep_plan, stop_plan, swap_plan
+from .swap import restart_plan, sleep_plan, stop_plan, swap_plan
 
 log = logging.getLogger(__name__)
 FOLLOW_POLL = 0.2
@@ -112,6 +112,15 @@ class Commands:
         name = self._model(request)
         self._exclusive(client, f"stop {name}")
         self.d.start_job("stop", name, stop_plan(self.d, name), client)
+
+    def cmd_restart(self, client, request) -> None:
+        name = request.get("model") or self.d.active()
+        if name is None:
+            raise CommandError("no active model to restart (name one)")
+        name = self._model({"model": name})
+        self._exclusive(client, f"restart {name}")
+        self.d.start_job("restart", name, restart_plan(self.d, name, bool(request.get("force"))),
+                         client)
 
     def cmd_doctor(self, client, request) -> None:
         self.d.start_job("doctor", None, doctor_plan(self.d), client, exclusive=False)

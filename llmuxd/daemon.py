@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from . import launch, procs
+from . import launch, procs, store
 from . import states as S
 from .actions import HttpResult, describe_http
 from .catalog import Catalog, CatalogError, load_catalog
@@ -26,10 +26,17 @@ from .http import HttpCall
 from .loop import Reactor
 from .notify import Notifier
 from .runner import Job, Runner
-from .swap import recover_plan, shutdown_plan, swap_plan
+from .adopt import adopt_plan
+from .swap import recover_plan, shutdown_plan, stop_plan, swap_plan
+from .watch import CatalogWatcher
 
 log = logging.getLogger(__name__)
 REAP_SWEEP = 1.0  # a lost SIGCHLD heals within a second (tini does the same)
+
+
+def same_definition(a, b) -> bool:
+    """Equal but for where they were written (an edit above moves every line)."""
+    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
 
 
 class Daemon:
@@ -55,6 +62,9 @@ class Daemon:
         self.exit_code: int | None = None
         self.started = time.monotonic()
         self.is_pid1 = os.getpid() == 1
+        self.pending_pidfds: dict[str, int] = {}
+        self.watcher = CatalogWatcher(self.config_path, self.reactor.wake)
+        self.reactor.after_events.append(self.reconcile)
 
     # -- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
@@ -71,18 +81,75 @@ class Daemon:
                      len(self.catalog.models))
             self._periodic_reap()
             self._health_tick()
-            if d.default_model:
-                self.notifier.status(f"starting default model {d.default_model}")
-                self.start_job("swap", d.default_model, swap_plan(self, d.default_model),
-                               on_done=lambda job: self.notifier.ready(self.status_line()))
+            self._watchdog_tick()
+            self.watcher.start()
+            stored = store.load(d.state_dir)
+            if stored.get("models"):
+                self.notifier.status("adopting models left by an earlier llmuxd")
+                self.start_job("adopt", None, adopt_plan(self, stored), on_done=self._started)
             else:
-                self.notifier.ready(self.status_line())
+                self._started(None)
             while self.exit_code is None:
-                self.reactor.run_once()
+                self.reactor.run_once(max_wait=self._idle_wait())
             return self.exit_code
         finally:
+            self.watcher.stop()
             self.control.close()
             self.reactor.close()
+
+    def _started(self, job: Job | None) -> None:
+        d = self.catalog.daemon
+        if job is not None:
+            self.save_state()
+        if d.default_model and self.active() is None and not self.shutting_down:
+            self.notifier.status(f"starting default model {d.default_model}")
+            self.start_job("swap", d.default_model, swap_plan(self, d.default_model),
+                           on_done=lambda job: self.notifier.ready(self.status_line()))
+        else:
+            self.notifier.ready(self.status_line())
+
+    def _idle_wait(self) -> float:
+        return 30.0  # timers bound the wait anyway; this only caps a quiet loop
+
+    def _watchdog_tick(self) -> None:
+        """WATCHDOG=1 from the loop itself: a wedged loop stops the pings."""
+        interval = self.notifier.watchdog_interval
+        if interval:
+            self.notifier.watchdog()
+            self.reactor.call_later(interval, self._watchdog_tick)
+
+    def reconcile(self) -> None:
+        """After every pass: re-derive what is wanted from what is (gunicorn's manage_workers)."""
+        if self.watcher.changed.is_set():
+            self.watcher.changed.clear()
+            log.info("catalog changed on disk: reloading")
+            self.reload()
+        if self.job is not None or self.shutting_down:
+            return
+        for name, rt in list(self.runtimes.items()):
+            if rt.extra.get("removal_pending") and rt.state not in S.HAS_PROCESS | {S.ACTIVE}:
+                if rt.state == S.CHECKPOINTED or rt.state not in (S.STOPPED, S.FAILED):
+                    self.start_job("remove", name, stop_plan(self, name),
+                                   on_done=lambda job, name=name: self._forget(name))
+                    return
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        rt = self.runtimes.get(name)
+        if rt is None or rt.state not in (S.STOPPED, S.FAILED):
+            return
+        del self.runtimes[name]
+        self.specs_in_use.pop(name, None)
+        models = {k: v for k, v in self.catalog.models.items() if k != name}
+        self.catalog = dataclasses.replace(self.catalog, models=models)
+        log.info("%s removed from the catalog", name)
+        self.save_state()
+
+    def save_state(self) -> None:
+        try:
+            store.save(self.catalog.daemon.state_dir, store.snapshot(self))
+        except OSError as exc:
+            log.error("cannot write the state file: %s", exc)
 
     def status_line(self) -> str:
         active = self.active()
@@ -141,10 +208,19 @@ class Daemon:
             log.info("shutting down: stopping every model")
         self.shutting_down = True
         self.hurry = hurry
+        mode = self.catalog.daemon.shutdown
         self.notifier.stopping()
         if self.job is not None:
             self.runner.abort(self.job, "cancelled: llmuxd is shutting down")
-        self.start_job("shutdown", None, shutdown_plan(self, hurry), on_done=self._shutdown_done)
+        if mode == "keep" and not hurry:
+            # Models stay up for the next llmuxd to adopt (see README: KillMode).
+            log.info("shutdown = keep: leaving every model running")
+            self.save_state()
+            self.exit_code = 0
+            return
+        self.start_job("shutdown", None,
+                       shutdown_plan(self, hurry, checkpoint=(mode == "checkpoint" and not hurry)),
+                       on_done=self._shutdown_done)
 
     def _shutdown_done(self, job: Job) -> None:
         if self.job is not None or not job.message or job.message.startswith("cancelled"):
@@ -180,6 +256,7 @@ class Daemon:
         self.specs_in_use[name] = spec
         self.reaper.register(child.pid, lambda status: self.on_model_exit(name, child, status))
         log.info("%s: started pid %d: %s", name, child.pid, " ".join(argv))
+        self.save_state()
         return None
 
     def adopt_process(self, name: str, pid: int) -> float:
@@ -194,9 +271,21 @@ class Daemon:
         self.children[name] = child
         self.reaper.register(pid, lambda status: self.on_model_exit(name, child, status))
         log.info("%s: tracking restored pid %d (start time %.2f)", name, pid, start_time)
+        self.save_state()
         return start_time
 
-    def on_model_exit(self, name: str, child: procs.Child, status: int) -> None:
+    def watch_pidfd(self, name: str, pid: int, pidfd: int, start_time: float) -> None:
+        """Supervise a process that is not our child: its pidfd turns readable at exit."""
+        child = procs.Child(pid, [], start_time, None)
+        self.children[name] = child
+
+        def exited() -> None:
+            self.reactor.forget(pidfd)
+            os.close(pidfd)
+            self.on_model_exit(name, child, None)
+        self.reactor.add_reader(pidfd, exited)
+
+    def on_model_exit(self, name: str, child: procs.Child, status: int | None) -> None:
         procs.mark_reaped(child, status)
         rt = self.runtimes.get(name)
         if rt is None or rt.pid != child.pid:
@@ -209,6 +298,8 @@ class Daemon:
         log.warning("%s: pid %d %s unexpectedly (state %s)", name, child.pid, reason, rt.state)
         if rt.state in (S.ACTIVE, S.SLEEPING, S.SUSPENDED):
             self.on_crash(name, f"{reason}")
+        else:
+            self.save_state()
         # In a transitional state the running plan notices (CheckExited, HTTP).
 
     def on_crash(self, name: str, reason: str) -> None:
@@ -257,6 +348,7 @@ class Daemon:
 
     def on_transition(self, name: str, before: str | None, after: str) -> None:
         """Hook for every state change (the state file and notifications attach here)."""
+        self.save_state()
         if after == S.ACTIVE:
             self.notifier.status(f"active: {name}")
 
@@ -318,12 +410,22 @@ class Daemon:
                 rt.extra["removal_pending"] = True
                 notes.append(f"{name} will be removed once stopped")
         for name in new.models.keys() - old.models.keys():
-            self.runtimes[name] = S.Runtime(name)
+            if name in self.runtimes:  # removal pending, and now it is back
+                self.runtimes[name].extra.pop("removal_pending", None)
+                self.runtimes[name].extra["restart_pending"] = True
+            else:
+                self.runtimes[name] = S.Runtime(name)
             notes.append(f"added {name}")
         for name in new.models.keys() & old.models.keys():
-            if new.models[name] != old.models[name] and self.runtimes[name].state in S.HAS_PROCESS:
-                self.runtimes[name].extra["restart_pending"] = True
-                notes.append(f"{name} changed: takes effect at its next start")
+            rt = self.runtimes[name]
+            rt.extra.pop("removal_pending", None)
+            if same_definition(new.models[name], old.models[name]):
+                continue
+            if rt.state in S.HAS_PROCESS or rt.state == S.CHECKPOINTED:
+                rt.extra["restart_pending"] = True
+                notes.append(f"{name} changed: restart pending (applies at its next start)")
+            else:
+                notes.append(f"{name} changed")
         fixed = [k for k in ("socket", "socket_mode", "state_dir", "log_dir")
                  if getattr(new.daemon, k) != getattr(old.daemon, k)]
         daemon = new.daemon
@@ -333,4 +435,5 @@ class Daemon:
         self.catalog = dataclasses.replace(new, daemon=daemon, models=models)
         for note in notes:
             log.info("reload: %s", note)
+        self.save_state()
         return "; ".join(notes) or "no changes"

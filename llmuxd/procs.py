@@ -241,8 +241,8 @@ class Reaper:
         return count
 
 
-def mark_reaped(child: Child, status: int) -> None:
+def mark_reaped(child: Child, status: int | None) -> None:
     """Tell subprocess the child is gone, so it never waits for it itself."""
     child.status = status
-    if child.popen is not None:
+    if child.popen is not None and status is not None:
         child.popen.returncode = os.waitstatus_to_exitcode(status)

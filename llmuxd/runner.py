@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import checkpoint_io, launch, procs
+from . import adopt_io, checkpoint_io, launch, procs
 from . import states as S
 from .actions import (CheckExited, CheckPort, Http, Io, IoFailed, Now, Pause, Phase, RunTool,
                       RunTools, SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
@@ -25,6 +25,15 @@ from .http import HttpCall
 log = logging.getLogger(__name__)
 PENDING = object()
 GONE_POLL = 0.05
+
+
+def failpoint(*names: str) -> None:
+    """Crash tests: LLMUX_FAILPOINT=<name> makes llmuxd SIGKILL itself at that step
+    (a phase such as `dump` or `start:b`, `transition:<state>`, or `tool:<criu verb>`)."""
+    wanted = os.environ.get("LLMUX_FAILPOINT")
+    if wanted and wanted in names:
+        log.warning("failpoint %s: killing llmuxd", wanted)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass
@@ -119,6 +128,9 @@ class Runner:
                  "elapsed": round(elapsed, 3)}
         for client in job.waiters:
             client.send(event)
+        if job.kind == "shutdown":  # tell systemd a long stop or dump is progress, not a hang
+            self.d.notifier.extend_timeout(self.d.catalog.daemon.stop_timeout + 60)
+        failpoint(f"{op.name}:{op.model}", op.name)
         return None
 
     def _transition(self, job, op: Transition):
@@ -133,6 +145,7 @@ class Runner:
             rt.extra["stop_requested"] = True
         log.info("%s: %s -> %s%s", op.model, before, op.state, f" ({op.error})" if op.error else "")
         self.d.on_transition(op.model, before, op.state)
+        failpoint(f"transition:{op.state}")
         return None
 
     def _check_port(self, job, op: CheckPort):
@@ -167,7 +180,7 @@ class Runner:
         return PENDING
 
     def _http(self, job, op: Http):
-        spec = self.d.catalog.models[op.model]
+        spec = self.d.spec_in_use(op.model)
         call = HttpCall(self.d.reactor, launch.connect_host(spec), spec.port, op.method, op.path,
                         op.body, op.timeout, lambda result: self._resume(job, result))
         job.cancel = call.cancel
@@ -200,6 +213,8 @@ class Runner:
     def _run_tool(self, job, op: RunTool):
         cancel = self._launch_tool(op.argv, op.timeout, lambda result: self._resume(job, result))
         job.cancel = cancel
+        if len(op.argv) > 1:
+            failpoint(f"tool:{op.argv[1]}")  # e.g. tool:dump: killed while criu runs
         return PENDING
 
     def _run_tools(self, job, op: RunTools):
@@ -220,7 +235,8 @@ class Runner:
 
     def _io(self, job, op: Io):
         try:
-            return checkpoint_io.OPERATIONS[op.name](self.d, *op.args)
+            operation = checkpoint_io.OPERATIONS.get(op.name) or adopt_io.OPERATIONS[op.name]
+            return operation(self.d, *op.args)
         except (OSError, ValueError, KeyError) as exc:
             log.warning("%s%s failed: %s", op.name, op.args, exc)
             return IoFailed(f"{op.name}: {exc}")

@@ -44,24 +44,21 @@ def log(msg):
 def parse_args(argv):
     top = argparse.ArgumentParser(prog="llmux-sim", allow_abbrev=False,
                                   description="A vLLM stand-in for testing llmux.")
-    sub = top.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("serve", allow_abbrev=False, help="like `vllm serve`")
+    sub = top.add_subparsers(dest="cmd", required=True, metavar="serve")
+    s = sub.add_parser("serve", allow_abbrev=False, help="like `vllm serve`",
+                       description="Like `vllm serve`; other vLLM flags are accepted and ignored.")
     s.add_argument("model_tag", nargs="?")
     s.add_argument("--model")
     s.add_argument("--host", default="0.0.0.0")  # vLLM's default: every interface
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--served-model-name", nargs="+")
-    s.add_argument("--enable-sleep-mode", action="store_true")
     s.add_argument("--max-model-len", type=int, default=2048)
-    s.add_argument("--disable-uvicorn-access-log", action="store_true")
-    s.add_argument("--start-delay", type=float, default=0.0)
-    s.add_argument("--sleep-delay", type=float, default=0.0)
-    s.add_argument("--wake-delay", type=float, default=0.0)
-    s.add_argument("--token-delay", type=float, default=0.0)
-    s.add_argument("--fail-start", action="store_true")
-    s.add_argument("--fail-sleep", action="store_true")
-    s.add_argument("--fail-wake", action="store_true")
-    s.add_argument("--crash-after", type=float)
+    for flag in ("--enable-sleep-mode", "--disable-uvicorn-access-log",  # vLLM's
+                 "--fail-start", "--fail-sleep", "--fail-wake"):         # simulator's
+        s.add_argument(flag, action="store_true")
+    for flag in ("--start-delay", "--sleep-delay", "--wake-delay", "--token-delay"):
+        s.add_argument(flag, type=float, default=0.0, metavar="SECONDS")
+    s.add_argument("--crash-after", type=float, metavar="SECONDS")
     s.add_argument("--fake-cuda-dir", default=os.environ.get("LLMUX_SIM_FAKE_CUDA_DIR") or None)
     s.add_argument("--cuda-mb", type=int, default=0)
     e = sub.add_parser("engine", help=argparse.SUPPRESS)  # internal: the EngineCore child
@@ -199,10 +196,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def route_models(self, srv):
         now = int(time.time())
-        perm = {"id": f"modelperm-{uuid.uuid4().hex}", "object": "model_permission", "created": now,
-                "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                "organization": "*", "group": None, "is_blocking": False}
+        perm = dict(id=f"modelperm-{uuid.uuid4().hex}", object="model_permission", created=now,
+                    allow_create_engine=False, allow_sampling=True, allow_logprobs=True,
+                    allow_search_indices=False, allow_view=True, allow_fine_tuning=False,
+                    organization="*", group=None, is_blocking=False)
         card = {"id": srv.model, "object": "model", "created": now, "owned_by": "vllm",
                 "root": srv.args.model or srv.args.model_tag, "parent": None,
                 "max_model_len": srv.args.max_model_len, "permission": [perm]}
@@ -240,7 +237,7 @@ class Handler(BaseHTTPRequestHandler):
             else:
                 for _ in reply["tokens"]:
                     time.sleep(srv.args.token_delay)
-                self.finish()
+                self.leave_running_gauge()
                 n_prompt = max(1, len(prompt.split()))
                 choice = {"index": 0, "text": "".join(reply["tokens"]), "logprobs": None,
                           "finish_reason": "length", "stop_reason": None, "prompt_logprobs": None}
@@ -248,9 +245,9 @@ class Handler(BaseHTTPRequestHandler):
                          "completion_tokens": max_tokens, "prompt_tokens_details": None}
                 self.send_json(200, dict(base, choices=[choice], usage=usage))
         finally:
-            self.finish()
+            self.leave_running_gauge()
 
-    def finish(self):
+    def leave_running_gauge(self):
         # Leave the running gauge before the last bytes go out, as vLLM's engine
         # does, so a client that read its answer never sees itself still running.
         if self.running:
@@ -266,7 +263,7 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(delay)
             last = i == len(tokens) - 1
             if last:
-                self.finish()
+                self.leave_running_gauge()
             choice = {"index": 0, "text": tok, "logprobs": None,
                       "finish_reason": "length" if last else None, "stop_reason": None}
             self.send_chunk(b"data: %s\n\n" % json.dumps(dict(base, choices=[choice])).encode())
@@ -274,27 +271,8 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def route_metrics(self, srv):
-        labels = 'model_name="%s",engine="0"' % srv.model.replace("\\", "\\\\").replace('"', '\\"')
-        st = srv.state
-        lines = []
-
-        def metric(name, kind, help_, samples):
-            lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-            lines.extend(f"{name}{lbl} {float(v)}" for lbl, v in samples)
-
-        metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
-               [("{%s}" % labels, srv.in_flight)])
-        metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
-               [("{%s}" % labels, 0)])
-        level = st["level"] if st["sleeping"] else 0
-        metric("vllm:engine_sleep_state", "gauge", "Engine sleep state; awake = 0 means engine is sleeping; "
-               "weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
-               [('{%s,sleep_state="%s"}' % (labels, name), int(on)) for name, on in
-                (("awake", not st["sleeping"]), ("weights_offloaded", level == 1),
-                 ("discard_all", level == 2))])
-        metric("llmux_sim_completions_total", "counter", "Completions served by the simulated engine.",
-               [("", st["completions"])])
-        self.send_body(200, ("\n".join(lines) + "\n").encode(), "text/plain; version=0.0.4; charset=utf-8")
+        text = sim_engine.metrics_text(srv.model, srv.state, srv.in_flight)
+        self.send_body(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def route_sleep(self, srv):
         try:
@@ -376,39 +354,21 @@ def serve(args):
         sim_engine.remove_fake_cuda(cuda_file)
         return 1
 
-    interrupted = []
-
-    def interrupt(signum, frame):  # vLLM during startup: KeyboardInterrupt("terminated")
-        interrupted.append(signum)
-        if server.engine is not None:  # mid-spawn we could not stop the engine: defer
-            raise KeyboardInterrupt("terminated")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
-    cfg = {"model": server.model, "start_delay": args.start_delay, "sleep_delay": args.sleep_delay,
-           "wake_delay": args.wake_delay, "fail_start": args.fail_start,
-           "enable_sleep_mode": args.enable_sleep_mode, "fake_cuda_dir": args.fake_cuda_dir,
-           "cuda_mb": args.cuda_mb}
+    cfg = {key: getattr(args, key) for key in (
+        "start_delay", "sleep_delay", "wake_delay", "fail_start", "enable_sleep_mode",
+        "fake_cuda_dir", "cuda_mb")}
+    stop = threading.Event()
     try:
-        server.engine = sim_engine.EngineClient(cfg)
-        if interrupted:
-            raise KeyboardInterrupt("terminated")
-        server.engine.wait_ready()
-    except sim_engine.EngineDead:
-        print("RuntimeError: Engine core initialization failed. See root cause above. "
-              f"Failed core proc(s): {{'EngineCore_DP0': {server.engine.proc.wait()}}}",
+        server.engine = sim_engine.start_engine(cfg, lambda *_: stop.set())
+    except sim_engine.EngineDead as e:
+        print(f"RuntimeError: Engine core initialization failed. See root cause above. {e}",
               file=sys.stderr, flush=True)
         sim_engine.remove_fake_cuda(cuda_file)
         return 1
     except KeyboardInterrupt:
-        if server.engine:
-            server.engine.stop()
         sim_engine.remove_fake_cuda(cuda_file)
         raise  # CPython then kills itself with SIGINT, as vLLM does
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     server.server_activate()
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     log(f"Starting vLLM API server 0 on http://{args.host}:{server.server_port}")

@@ -9,8 +9,9 @@ simulated model state and answers one newline-delimited JSON request at a time
 on a socketpair inherited from the API server.
 
 It is started as `python -m llmuxd.sim engine --fd N --config JSON`; the
-subcommand is internal.  Plain sockets, pipes and threads only, so that CRIU can
-checkpoint and restore it.
+subcommand is internal.  EngineClient and start_engine, at the end, are the API
+server's side; metrics_text renders the engine's stats as vLLM's /metrics.
+Plain sockets, pipes and threads only, so that CRIU can checkpoint and restore it.
 """
 
 import json
@@ -45,6 +46,7 @@ def fake_cuda_path(directory):
 
 def write_fake_cuda(path, content="running"):
     if path:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(content)
 
@@ -65,6 +67,32 @@ def remove_fake_cuda(path):
             os.unlink(path)
         except FileNotFoundError:
             pass
+
+
+# --- metrics: what vLLM's stats loggers publish about the engine -----------
+
+def metrics_text(model, state, running):
+    """Prometheus text for /metrics; `state` is the engine's last snapshot."""
+    labels = 'model_name="%s",engine="0"' % model.replace("\\", "\\\\").replace('"', '\\"')
+    level = state["level"] if state["sleeping"] else 0
+    lines = []
+
+    def metric(name, kind, help_, samples):
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{lbl} {float(v)}" for lbl, v in samples)
+
+    metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.",
+           [("{%s}" % labels, running)])
+    metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.",
+           [("{%s}" % labels, 0)])
+    metric("vllm:engine_sleep_state", "gauge", "Engine sleep state; awake = 0 means engine is "
+           "sleeping; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+           [('{%s,sleep_state="%s"}' % (labels, name), on) for name, on in (
+               ("awake", not state["sleeping"]), ("weights_offloaded", level == 1),
+               ("discard_all", level == 2))])
+    metric("llmux_sim_completions_total", "counter", "Completions served by the simulated engine.",
+           [("", state["completions"])])
+    return "\n".join(lines) + "\n"
 
 
 # --- real CUDA: N MiB of GPU memory standing in for the weights -------------
@@ -305,7 +333,7 @@ class EngineClient:
         self.lock = threading.Lock()
         self.dead = False
 
-    def _readline(self):
+    def read_reply(self):
         try:
             line = self.rfile.readline()
         except OSError:
@@ -314,9 +342,6 @@ class EngineClient:
             self.dead = True
             raise EngineDead("EngineCore died")
         return json.loads(line)
-
-    def wait_ready(self):
-        return self._readline()
 
     def call(self, op, **kw):
         with self.lock:
@@ -327,7 +352,7 @@ class EngineClient:
             except OSError:
                 self.dead = True
                 raise EngineDead("EngineCore died")
-            return self._readline()
+            return self.read_reply()
 
     def alive(self):
         return not self.dead and self.proc.poll() is None
@@ -340,3 +365,38 @@ class EngineClient:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+def start_engine(cfg, on_signal):
+    """Spawn the EngineCore child, wait until it has "loaded the model", then
+    hand SIGTERM and SIGINT to on_signal.
+
+    Until then, as vLLM does, both raise KeyboardInterrupt("terminated"); left
+    uncaught, CPython then dies by SIGINT.  The engine is stopped first; a
+    signal landing mid-spawn is deferred until there is a child to stop.
+    Raises EngineDead if the engine exits instead of becoming ready.
+    """
+    client, interrupted = None, []
+
+    def interrupt(signum, frame):
+        interrupted.append(signum)
+        if client is not None:
+            raise KeyboardInterrupt("terminated")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        client = EngineClient(cfg)
+        if interrupted:
+            raise KeyboardInterrupt("terminated")
+        try:
+            client.read_reply()  # the engine's "ready"
+        except EngineDead:
+            raise EngineDead(f"Failed core proc(s): {{'EngineCore_DP0': {client.proc.wait()}}}") from None
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        return client
+    except KeyboardInterrupt:
+        if client is not None:
+            client.stop()
+        raise

@@ -31,19 +31,20 @@ CHECKPOINTED = "checkpointed"
 RESTORING = "restoring"
 STOPPING = "stopping"
 RESTARTING = "restarting"
+ADOPTING = "adopting"
 FAILED = "failed"
 
 # States in which the model's process tree exists (or may: stopping).
 HAS_PROCESS = frozenset({STARTING, ACTIVE, DRAINING, GOING_TO_SLEEP, SLEEPING, WAKING,
                          SUSPENDING, SUSPENDED, RESUMING, CHECKPOINTING, RESTORING, STOPPING,
-                         RESTARTING})
+                         RESTARTING, ADOPTING})
 ASLEEP = frozenset({SLEEPING, SUSPENDED, CHECKPOINTED})
 
 TRANSITIONS: dict[str, frozenset[str]] = {
     # stopped -> starting: cold start.  stopped -> stopped: a new error noted.
     # stopped -> checkpointed: adopting images found on disk.
     # stopped -> failed: a start that failed before anything was spawned.
-    STOPPED: frozenset({STARTING, STOPPED, CHECKPOINTED, FAILED}),
+    STOPPED: frozenset({STARTING, STOPPED, CHECKPOINTED, FAILED, ADOPTING}),
     # starting -> active: healthy.  -> stopping/failed: start failed or was cancelled.
     STARTING: frozenset({ACTIVE, STOPPING, FAILED}),
     # active -> draining: first step of any sleep.  -> stopping: stop asked or
@@ -67,6 +68,8 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     # restarting -> starting: backoff over.  -> failed: burst limit reached.
     RESTARTING: frozenset({STARTING, STOPPING, FAILED}),
     # failed -> starting: an operator's swap tries again.
+    # adopting: a restarted llmuxd found the process; it settles in a stable state.
+    ADOPTING: frozenset({ACTIVE, SLEEPING, SUSPENDED, STOPPING}),
     # failed -> restarting: supervision tries again after a backoff.
     FAILED: frozenset({STARTING, STOPPING, STOPPED, FAILED, RESTARTING}),
 }

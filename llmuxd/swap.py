@@ -18,7 +18,8 @@ from .actions import Phase, StepFailed, Transition
 from .mechanisms import mechanism_for
 from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
 
-__all__ = ["swap_plan", "sleep_plan", "stop_plan", "recover_plan", "shutdown_plan", "StepFailed"]
+__all__ = ["swap_plan", "sleep_plan", "stop_plan", "restart_plan", "recover_plan", "shutdown_plan",
+           "StepFailed"]
 
 
 def holders(view: View, exclude: str | None = None) -> list[str]:
@@ -59,7 +60,11 @@ def bring_up(view: View, name: str) -> Plan:
     rt = view.runtimes[name]
     if rt.state == S.ACTIVE:
         return
-    if rt.state in (S.STOPPED, S.FAILED):
+    if rt.state in S.ASLEEP and rt.extra.get("restart_pending"):
+        # Its definition changed while it slept: never wake it with stale settings.
+        yield from stop_plan(view, name)
+        yield from start(view, name)
+    elif rt.state in (S.STOPPED, S.FAILED):
         yield from start(view, name)
     elif rt.state == S.RESTARTING:
         yield from stop(view, name, hurry=True)
@@ -128,6 +133,18 @@ def stop_plan(view: View, name: str) -> Plan:
     return f"{name} is stopped"
 
 
+def restart_plan(view: View, name: str, force: bool = False) -> Plan:
+    """`llmuxctl restart NAME`: drain, stop and start the active model again (its new
+    definition applies); for a model that is not active, only the stop."""
+    rt = view.runtimes[name]
+    if rt.state == S.ACTIVE:
+        yield from evict(view, name, force, level=5)
+        yield from start(view, name)
+        return f"{name} restarted"
+    yield from stop_plan(view, name)
+    return f"{name} is stopped; its new definition applies at its next start"
+
+
 def recover_plan(view: View, name: str) -> Plan:
     """Supervision: the active model crashed or went unhealthy; start it again."""
     yield from stop(view, name, hurry=True, final=S.STOPPED)
@@ -139,9 +156,17 @@ def recover_plan(view: View, name: str) -> Plan:
     return f"{name} restarted"
 
 
-def shutdown_plan(view: View, hurry: bool = False) -> Plan:
-    """Stop every model that has a process; `hurry` skips the TERM grace."""
+def shutdown_plan(view: View, hurry: bool = False, checkpoint: bool = False) -> Plan:
+    """Stop every model that has a process; `hurry` skips the TERM grace. With
+    `checkpoint`, the active model is first checkpointed (level 4), so the next
+    llmuxd restores it instead of cold-starting it."""
     failures = []
+    active = [n for n, rt in view.runtimes.items() if rt.state == S.ACTIVE]
+    if checkpoint and active:
+        try:
+            yield from evict(view, active[0], force=True, level=4)
+        except StepFailed as exc:
+            failures.append(str(exc))
     for name, rt in list(view.runtimes.items()):
         if rt.state in S.HAS_PROCESS:
             try:

@@ -172,7 +172,9 @@ def test_sleep_wake_level1(start_sim):
     assert time.monotonic() - t0 >= 0.3
     assert sim.json("GET", "/is_sleeping") == (200, {"is_sleeping": True})
     assert sim.health() == 200  # vLLM: a sleeping engine is healthy
-    assert sim.metric("vllm:engine_sleep_state{model_name=\"test-model\",engine=\"0\",sleep_state=\"weights_offloaded\"") == 1
+    labels = 'model_name="test-model",engine="0"'
+    assert sim.metric('vllm:engine_sleep_state{%s,sleep_state="weights_offloaded"}' % labels) == 1
+    assert sim.metric('vllm:engine_sleep_state{%s,sleep_state="awake"}' % labels) == 0
     status, err = sim.complete()
     assert status == 503 and "sleeping" in err["error"]
     t0 = time.monotonic()
@@ -330,7 +332,8 @@ def test_failure_injection(start_sim):
     sim = start_sim("--enable-sleep-mode", "--fail-sleep", "--fail-wake")
     assert sim.request("POST", "/sleep?level=1")[0] == 500
     assert sim.state()["sleeping"] is False
-    assert sim.json("POST", "/sim/fail?what=none")[1]["fail"] == {"sleep": False, "wake": False, "health": False}
+    cleared = {"sleep": False, "wake": False, "health": False}
+    assert sim.json("POST", "/sim/fail?what=none")[1]["fail"] == cleared
     assert sim.request("POST", "/sleep?level=1")[0] == 200
     assert sim.request("POST", "/sim/fail?what=wake")[0] == 200
     assert sim.request("POST", "/wake_up")[0] == 500
