@@ -127,12 +127,14 @@ class Daemon:
         if self.job is not None or self.shutting_down:
             return
         for name, rt in list(self.runtimes.items()):
-            if rt.extra.get("removal_pending") and rt.state not in S.HAS_PROCESS | {S.ACTIVE}:
-                if rt.state == S.CHECKPOINTED or rt.state not in (S.STOPPED, S.FAILED):
-                    self.start_job("remove", name, stop_plan(self, name),
-                                   on_done=lambda job, name=name: self._forget(name))
-                    return
+            if not rt.extra.get("removal_pending"):
+                continue
+            if rt.state in (S.STOPPED, S.FAILED):
                 self._forget(name)
+            elif rt.state in S.ASLEEP:  # swapped away at last: now it can go
+                self.start_job("remove", name, stop_plan(self, name),
+                               on_done=lambda job, name=name: self._forget(name))
+                return
 
     def _forget(self, name: str) -> None:
         rt = self.runtimes.get(name)

@@ -60,14 +60,17 @@ class Daemon:
         self.config.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "llmuxd.log"
+        self.marker = f"llmux-test-{os.getpid()}-{id(self)}"  # inherited by every model process
 
     def start(self, env: dict | None = None, wait: bool = True) -> "Daemon":
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llmuxd", "--config", str(self.config), "--log-level", "debug"],
             stdout=open(self.log, "ab"), stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, **(env or {})})
+            env={**os.environ, "LLMUX_TEST_MARKER": self.marker, **(env or {})})
         if wait:
             wait_for(lambda: self.ping(), what="llmuxd to listen")
+            wait_for(lambda: (self.status().get("job") or {}).get("kind") != "adopt",
+                     what="adoption to finish")
         return self
 
     def ping(self) -> bool:
@@ -113,8 +116,37 @@ class Daemon:
             self.proc.wait()
             raise AssertionError("llmuxd did not exit after " + signal.Signals(sig).name)
 
+    def processes(self) -> list[int]:
+        """Every live process started on behalf of this test's daemons (by env marker)."""
+        found = []
+        needle = f"LLMUX_TEST_MARKER={self.marker}".encode()
+        for name in os.listdir("/proc"):
+            if not name.isdigit() or int(name) == (self.proc.pid if self.proc else -1):
+                continue
+            try:
+                env = Path(f"/proc/{name}/environ").read_bytes()
+                stat = Path(f"/proc/{name}/stat").read_bytes()
+            except OSError:
+                continue
+            if needle in env.split(b"\0") and stat[stat.rfind(b")") + 2:][:1] != b"Z":
+                found.append(int(name))
+        return found
+
+    def kill_daemon(self) -> None:
+        """SIGKILL llmuxd only (its models live on, as after a crash)."""
+        self.proc.kill()
+        self.proc.wait()
+
+    def stored(self) -> dict:
+        return json.loads((self.tmp / "state" / "state.json").read_text())
+
     def cleanup(self) -> None:
         """Kill anything left (the test failed): the daemon and every model group."""
+        for pid in self.processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
         pgids = set()
         try:
             for m in self.status()["models"].values():
