@@ -69,6 +69,7 @@ class Daemon:
     # -- lifecycle ---------------------------------------------------------------
     def run(self) -> int:
         procs.close_inherited_fds()
+        procs.reset_inherited_signals()
         if not self.is_pid1 and not procs.become_subreaper():
             log.warning("could not become a child subreaper; orphaned model processes go to init")
         d = self.catalog.daemon

@@ -73,6 +73,25 @@ def close_inherited_fds() -> None:
                 pass
 
 
+def reset_inherited_signals() -> None:
+    """Children must start with no blocked and no ignored signals.
+
+    exec keeps the signal mask and SIG_IGN dispositions; a daemon started from
+    `nohup` or a background shell job ignores HUP/INT/QUIT, and vLLM would then
+    never see them. We reset ours once, so every child inherits defaults
+    (SIGPIPE stays ignored for Python; Popen restores it in the child).
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGPIPE, signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            if signal.getsignal(sig) == signal.SIG_IGN:
+                signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+
+
 def become_subreaper() -> bool:
     """Orphaned grandchildren (and CRIU-restored trees) come to us, not to init."""
     try:

@@ -274,10 +274,6 @@ def test_packaging_names_no_host():
         assert not re.search(r"\b(?:https?|ftp)://", text), f"{path.name} names a host"
 
 
-@pytest.mark.xfail(strict=True, reason="pyproject.toml's [tool.setuptools] packages lists only "
-                   "llmuxd and llmuxctl, so `pip install .` (the Dockerfile, the systemd "
-                   "install) leaves out llmuxd.mechanisms; list every package (or use "
-                   "packages.find), then drop this mark")
 def test_wheel_holds_every_package():
     """A non-editable install must carry every package of the source tree."""
     config = tomlkit.parse((ROOT / "pyproject.toml").read_text()).unwrap()
