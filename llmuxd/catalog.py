@@ -45,6 +45,14 @@ class CheckpointSettings:
 
 
 @dataclass(frozen=True)
+class AccessSettings:
+    """Who may change state through the socket, besides root, llmuxd's own user and
+    members of socket_group. Entries are names or numeric ids (as strings or ints)."""
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     socket: str = "/run/llmux/llmux.sock"
     socket_mode: int = 0o660
@@ -64,7 +72,12 @@ class DaemonSettings:
     restart_backoff: float = 1.0
     shutdown: str = "stop"                 # on TERM: "stop" every model, "checkpoint" the active
                                            # one first (level 4), or "keep" them running to adopt
+    socket_group: str | None = None        # group (name or number) that owns the socket and may steer
+    max_clients: int = 512                 # concurrent control connections; more are refused
+    client_timeout: float = 60.0           # an idle connection is closed after this; a request
+                                           # line must be complete within min(10 s, this)
     checkpoint: CheckpointSettings = CheckpointSettings()
+    access: AccessSettings = AccessSettings()
 
 
 @dataclass(frozen=True)
@@ -198,6 +211,21 @@ def _command(value: Any, where: str) -> tuple[str, ...]:
     return tuple(argv)
 
 
+def _principal(value: Any, where: str) -> str:
+    """A user or group given by name or number; kept as a string."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return str(value)
+    return _string(value, where)
+
+
+def _principals(value: Any, where: str) -> tuple[str, ...]:
+    _expect(value, where, (list,), "an array of names or ids")
+    return tuple(_principal(item, f"{where}[{i}]") for i, item in enumerate(value))
+
+
+_ACCESS_KEYS = {"users": _principals, "groups": _principals}
+
+
 def _string_list(value: Any, where: str) -> tuple[str, ...]:
     _expect(value, where, (list,), "an array of strings")
     for i, item in enumerate(value):
@@ -237,6 +265,8 @@ _DAEMON_KEYS: dict[str, _Conv | None] = {
     "wake_timeout": _duration, "health_interval": _positive,
     "health_failures": partial(_integer, lo=1), "restart_limit": _integer,
     "restart_window": _duration, "restart_backoff": _duration, "checkpoint": None,
+    "access": None, "socket_group": lambda v, where: _principal(v, where),
+    "max_clients": partial(_integer, lo=1, hi=100_000), "client_timeout": _positive,
     "shutdown": lambda v, where: _choice(v, where, ("stop", "checkpoint", "keep")),
 }
 _MODEL_KEYS: dict[str, _Conv] = {
@@ -440,6 +470,8 @@ def _daemon(f: _File, plain: dict, doc: Any, base: str) -> DaemonSettings:
     ck["images_dir"] = (_resolve(base, ck["images_dir"]) if ck.get("images_dir")
                         else os.path.join(state_dir, "checkpoints"))
     values["checkpoint"] = CheckpointSettings(**ck)
+    access_table = f.section(table.get("access", {}), ("daemon", "access"), _ACCESS_KEYS)
+    values["access"] = AccessSettings(**f.convert(access_table, ("daemon", "access"), _ACCESS_KEYS))
     return DaemonSettings(**values)
 
 

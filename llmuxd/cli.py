@@ -51,7 +51,11 @@ def main(config_path: str, check: bool, log_level: str) -> None:
     from .control import AlreadyRunning
     from .daemon import Daemon
     os.chdir("/")  # never hold a mount busy; paths were resolved by the catalog
-    daemon = Daemon(catalog)
+    try:
+        daemon = Daemon(catalog)
+    except ValueError as exc:  # an unknown user or group in the catalog
+        click.echo(f"llmuxd: {catalog.path}: {exc}", err=True)
+        sys.exit(1)
     try:
         code = daemon.run()
     except AlreadyRunning as exc:

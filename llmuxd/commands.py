@@ -14,7 +14,7 @@ import time
 
 from . import __version__, launch
 from . import states as S
-from .protocol import ProtocolError, decode_request
+from .protocol import MUTATING, ProtocolError, decode_request
 from .doctor import doctor_plan
 from .swap import restart_plan, sleep_plan, stop_plan, swap_plan
 
@@ -36,6 +36,11 @@ class Commands:
     def handle(self, client, line: bytes) -> None:
         try:
             request = decode_request(line)
+            if request["cmd"] in MUTATING and not self.d.access.allows(client):
+                log.warning("permission denied: %s from uid %s pid %s", request["cmd"],
+                            client.peer_uid, client.peer_pid)
+                raise CommandError(f"permission denied: {request['cmd']} needs root, llmuxd's "
+                                   "user, socket_group or [daemon.access]")
             handler = getattr(self, "cmd_" + request["cmd"], None)
             if handler is None:
                 raise CommandError(f"command {request['cmd']!r} is not available in this build")

@@ -21,9 +21,8 @@ from .protocol import MAX_LINE, LineBuffer, ProtocolError, encode
 
 log = logging.getLogger(__name__)
 
-MAX_CLIENTS = 512
-MAX_QUEUED = 4 * 1024 * 1024   # bytes of unsent replies before a client is dropped
-IDLE_TIMEOUT = 60.0            # seconds without a request, unless it waits on something
+MAX_QUEUED = 1024 * 1024       # bytes of unsent replies before a client is dropped
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)
 
 
 class AlreadyRunning(Exception):
@@ -40,6 +39,7 @@ class Client:
         self.close_when_flushed = False
         self.busy = False          # waiting on a job or following logs: not idle
         self.last_active = time.monotonic()
+        self.partial_since: float | None = None  # when an unfinished request line began
         try:
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
             self.peer_pid, self.peer_uid, self.peer_gid = (int.from_bytes(creds[i:i + 4], "little")
@@ -49,6 +49,16 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<client pid={self.peer_pid} uid={self.peer_uid}>"
+
+    def groups(self) -> set[int]:
+        """The peer's primary and supplementary groups, as the kernel saw them at connect."""
+        found = {self.peer_gid}
+        try:
+            raw = self.sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 256)
+            found.update(int.from_bytes(raw[i:i + 4], "little") for i in range(0, len(raw), 4))
+        except OSError:
+            pass
+        return found
 
     def send(self, obj: dict) -> None:
         if self.closed:
@@ -94,6 +104,10 @@ class Client:
         self.last_active = time.monotonic()
         try:
             lines = self.buffer.feed(data)
+            if self.buffer.pending():
+                self.partial_since = self.partial_since or self.last_active
+            else:
+                self.partial_since = None
         except ProtocolError as exc:
             self.send({"ok": False, "error": str(exc)})
             self.close_when_flushed = True
@@ -117,10 +131,15 @@ class Client:
 
 class ControlServer:
     def __init__(self, reactor, path: str, mode: int,
-                 on_request: Callable[[Client, bytes], None]) -> None:
+                 on_request: Callable[[Client, bytes], None], group: int | None = None,
+                 max_clients: int = 512, idle_timeout: float = 60.0) -> None:
         self.reactor = reactor
+        self.max_clients = max_clients
+        self.idle_timeout = idle_timeout               # no request for this long: closed
+        self.request_timeout = min(10.0, idle_timeout)  # a started line must end this soon
         self.path = path
         self.mode = mode
+        self.group = group
         self.on_request = on_request
         self.on_close: list[Callable[[Client], None]] = []
         self.clients: set[Client] = set()
@@ -129,6 +148,10 @@ class ControlServer:
     def start(self) -> None:
         parent = os.path.dirname(self.path) or "."
         os.makedirs(parent, mode=0o755, exist_ok=True)
+        if os.stat(parent).st_mode & 0o002:
+            # Anyone could replace our socket with theirs between restarts.
+            raise PermissionError(f"refusing to put the control socket in {parent}: the directory "
+                                  "is world-writable (use a directory of its own, e.g. /run/llmux)")
         if os.path.exists(self.path) or os.path.islink(self.path):
             self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -139,8 +162,10 @@ class ControlServer:
             sock.bind(self.path)
         finally:
             os.umask(old)
+        if self.group is not None:  # from root:root 0660 to root:group 0660: never wider
+            os.chown(self.path, -1, self.group)
         os.chmod(self.path, self.mode)
-        sock.listen(128)
+        sock.listen(512)
         sock.setblocking(False)
         self.sock = sock
         self.reactor.add_reader(sock, self._accept)
@@ -171,8 +196,9 @@ class ControlServer:
                 return
             conn.setblocking(False)
             client = Client(self, conn)
-            if len(self.clients) >= MAX_CLIENTS:
-                client.send({"ok": False, "error": f"too many clients (limit {MAX_CLIENTS})"})
+            if len(self.clients) >= self.max_clients:
+                log.warning("refusing %r: %d clients already", client, len(self.clients))
+                client.send({"ok": False, "error": f"too many clients (limit {self.max_clients})"})
                 client.close()
                 continue
             self.clients.add(client)
@@ -181,9 +207,13 @@ class ControlServer:
     def _sweep_timer(self) -> None:
         now = time.monotonic()
         for client in list(self.clients):
-            if not client.busy and now - client.last_active > IDLE_TIMEOUT:
+            if not client.busy and now - client.last_active > self.idle_timeout:
                 client.close()
-        self.reactor.call_later(5.0, self._sweep_timer)
+            elif client.partial_since and now - client.partial_since > self.request_timeout:
+                log.warning("dropping %r: its request did not arrive within %gs", client,
+                            self.request_timeout)
+                client.close()
+        self.reactor.call_later(min(1.0, self.request_timeout / 2), self._sweep_timer)
 
     def close(self) -> None:
         for client in list(self.clients):

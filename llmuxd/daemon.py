@@ -19,6 +19,7 @@ import time
 from . import launch, procs, store
 from . import states as S
 from .actions import HttpResult, describe_http
+from .access import Access
 from .catalog import Catalog, CatalogError, load_catalog
 from .commands import Commands
 from .control import ControlServer
@@ -52,8 +53,11 @@ class Daemon:
         self.runner = Runner(self)
         self.notifier = Notifier()
         self.commands = Commands(self)
+        self.access = Access(catalog.daemon)   # raises ValueError for an unknown user/group
         self.control = ControlServer(self.reactor, catalog.daemon.socket, catalog.daemon.socket_mode,
-                                     self.commands.handle)
+                                     self.commands.handle, group=self.access.socket_gid,
+                                     max_clients=catalog.daemon.max_clients,
+                                     idle_timeout=catalog.daemon.client_timeout)
         self.control.on_close.append(self.commands.forget_client)
         self.job: Job | None = None
         self.shutting_down = False
@@ -70,6 +74,7 @@ class Daemon:
     def run(self) -> int:
         procs.close_inherited_fds()
         procs.reset_inherited_signals()
+        procs.raise_fd_limit()  # every client, HTTP call and tool pipe is an fd
         if not self.is_pid1 and not procs.become_subreaper():
             log.warning("could not become a child subreaper; orphaned model processes go to init")
         d = self.catalog.daemon
@@ -429,13 +434,14 @@ class Daemon:
                 notes.append(f"{name} changed: restart pending (applies at its next start)")
             else:
                 notes.append(f"{name} changed")
-        fixed = [k for k in ("socket", "socket_mode", "state_dir", "log_dir")
+        fixed = [k for k in ("socket", "socket_mode", "socket_group", "state_dir", "log_dir")
                  if getattr(new.daemon, k) != getattr(old.daemon, k)]
         daemon = new.daemon
         if fixed:
             notes.append(f"not applied until llmuxd restarts: daemon.{', daemon.'.join(fixed)}")
             daemon = dataclasses.replace(daemon, **{k: getattr(old.daemon, k) for k in fixed})
         self.catalog = dataclasses.replace(new, daemon=daemon, models=models)
+        self.access = Access(daemon, strict=False)
         for note in notes:
             log.info("reload: %s", note)
         self.save_state()

@@ -15,6 +15,7 @@ import ctypes
 import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -89,6 +90,16 @@ def reset_inherited_signals() -> None:
             if signal.getsignal(sig) == signal.SIG_IGN:
                 signal.signal(sig, signal.SIG_DFL)
         except (OSError, ValueError):
+            pass
+
+
+def raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, 65536), hard))
+        except (ValueError, OSError):
             pass
 
 

@@ -65,3 +65,6 @@ class LineBuffer:
         if len(self._buf) > self._limit:
             raise ProtocolError(f"request line longer than {self._limit} bytes")
         return [ln for ln in lines if ln.strip()]
+
+    def pending(self) -> bool:
+        return bool(self._buf)
