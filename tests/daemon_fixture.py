@@ -40,7 +40,7 @@ def toml_value(v) -> str:
 class Daemon:
     def __init__(self, tmp: Path, models: dict[str, dict], daemon: dict | None = None) -> None:
         self.tmp = tmp
-        self.socket = str(tmp / "llmux.sock")
+        self.socket = (daemon or {}).get("socket") or str(tmp / "llmux.sock")
         self.ports = {}
         settings = {"socket": self.socket, "state_dir": str(tmp / "state"), "vllm_command": SIM,
                     "stop_timeout": 5, "drain_timeout": 2, "health_interval": 0.5,
