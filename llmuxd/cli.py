@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .catalog import CatalogError, load_catalog, validate_only
+from .launch import catalog_warnings
 
 DEFAULT_CONFIG = "/etc/llmux/llmux.toml"
 EXIT_ALREADY_RUNNING = 4
@@ -40,6 +41,8 @@ def main(config_path: str, check: bool, log_level: str) -> None:
         for problem in problems:
             click.echo(problem, err=True)
         if not problems:
+            for warning in catalog_warnings(load_catalog(config_path)):
+                click.echo(warning, err=True)
             click.echo(f"{config_path}: ok")
         sys.exit(1 if problems else 0)
     setup_logging(log_level)
@@ -48,6 +51,8 @@ def main(config_path: str, check: bool, log_level: str) -> None:
     except CatalogError as exc:
         click.echo(str(exc), err=True)
         sys.exit(1)
+    for warning in catalog_warnings(catalog):
+        logging.getLogger("llmuxd").warning("%s", warning)
     from .control import AlreadyRunning
     from .daemon import Daemon
     os.chdir("/")  # never hold a mount busy; paths were resolved by the catalog

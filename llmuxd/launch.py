@@ -60,3 +60,37 @@ def argv_hash(argv, env: dict[str, str]) -> str:
     """Identifies what a process was started with (checkpoint manifests, reload diffs)."""
     blob = json.dumps([list(argv), sorted(env.items())]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def tp_size(args) -> int:
+    """--tensor-parallel-size N, -tp N, and their = forms (the last one wins, as argparse)."""
+    size = 1
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("--tensor-parallel-size", "-tp") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(("--tensor-parallel-size=", "-tp=")):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                size = int(value)
+            except ValueError:
+                pass
+    return size
+
+
+TP_FLAGS = ("--enforce-eager", "--disable-custom-all-reduce")
+
+
+def catalog_warnings(catalog) -> list[str]:
+    """Advice that does not make the catalog invalid (printed by --check, logged at load)."""
+    warnings = []
+    for spec in catalog.models.values():
+        tp = tp_size(spec.args)
+        if tp > 1 and spec.sleep_level in (3, 4):
+            missing = [f for f in TP_FLAGS if f not in spec.args]
+            if missing:
+                warnings.append(f"{spec.source}: warning: models.{spec.name}: tensor-parallel size "
+                                f"{tp} at level {spec.sleep_level} needs {' and '.join(missing)} "
+                                "(CUDA graphs and custom all-reduce buffers cannot be suspended)")
+    return warnings

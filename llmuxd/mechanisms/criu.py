@@ -19,7 +19,7 @@ from __future__ import annotations
 from .. import states as S
 from ..actions import Io, IoFailed, Pause, Phase, RunTool, StepFailed, Transition, WaitGone
 from ..steps import start, stop, timeout_of, wait_healthy
-from .cuda_suspend import resume, suspend
+from .cuda_suspend import nccl, resume, suspend
 
 # Flags the seed settled on (see research/llmux-anchor.md 1.8). --network-lock
 # nftables: the iptables default needs an iptables binary that is often absent.
@@ -71,9 +71,13 @@ class CriuCheckpoint:
                              f"need about {need * DISK_MARGIN / 2**20:.0f} MiB, "
                              f"{free / 2**20:.0f} MiB free")
         cuda_pids = []
+        yield from nccl(view, name, "suspend_nccl")
         if mode == "suspend":
-            yield Phase("suspend", name)
-            cuda_pids = yield from suspend(view, name)
+            try:
+                cuda_pids = yield from suspend(view, name)
+            except StepFailed:
+                yield from nccl(view, name, "resume_nccl", best_effort=True)
+                raise
         tmp = yield from io("prepare_images", name)
         yield Phase("dump", name)
         before = yield from io("link_remaps")
@@ -83,6 +87,7 @@ class CriuCheckpoint:
             yield Io("delete_images", (tmp,))
             if cuda_pids:
                 yield from resume(view, name, cuda_pids, best_effort=True)
+            yield from nccl(view, name, "resume_nccl", best_effort=True)
             raise StepFailed(f"{name}: criu dump failed ({_rc(result)}): {errors}")
         # CRIU killed the tree: wait until every process of it is reaped.
         if not (yield WaitGone(name, REAP_TIMEOUT)):
@@ -120,6 +125,7 @@ class CriuCheckpoint:
             if manifest["mode"] == "suspend" and manifest["cuda_pids"]:
                 yield Phase("resume", name)
                 yield from resume(view, name, manifest["cuda_pids"])
+            yield from nccl(view, name, "resume_nccl")
             yield Phase("health", name)
             yield from wait_healthy(view, name, timeout_of(view, name, "startup_timeout"))
         except StepFailed as exc:

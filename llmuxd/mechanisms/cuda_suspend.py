@@ -10,11 +10,13 @@ NVIDIA's cuda-checkpoint CLI: ours (`auto`), NVIDIA's, or a test stand-in.
 
 from __future__ import annotations
 
+import json
 import sys
 
 from .. import states as S
-from ..actions import Io, IoFailed, Phase, RunTools, StepFailed, Transition
-from ..steps import timeout_of, wait_healthy
+from ..actions import Http, Io, IoFailed, Phase, RunTools, StepFailed, Transition
+from ..launch import tp_size
+from ..steps import expect_ok, timeout_of, wait_healthy
 
 LOCK_TIMEOUT_MS = 30_000  # how long the driver may wait for in-flight CUDA work at lock
 
@@ -28,6 +30,19 @@ def cuda_tool(view) -> tuple[str, ...]:
 
 def tool_timeout(view) -> float:
     return view.catalog.daemon.checkpoint.cuda_timeout
+
+
+def nccl(view, name: str, method: str, best_effort: bool = False):
+    """Tensor-parallel models: NCCL's IPC memory cannot be suspended, so vLLM's
+    communicators are torn down before (suspend_nccl) and rebuilt after (resume_nccl)."""
+    if tp_size(view.catalog.models[name].args) <= 1:
+        return
+    yield Phase(method, name)
+    body = json.dumps({"method": method}).encode()
+    result = yield Http(name, "POST", "/collective_rpc", timeout=view.catalog.daemon.wake_timeout,
+                        body=body)
+    if not best_effort:
+        expect_ok(result, f"{name}: {method}")
 
 
 def find_cuda_pids(view, name: str):
@@ -101,9 +116,15 @@ class CudaSuspend:
     def sleep(self, view, name):
         yield Phase("suspend", name)
         yield Transition(name, S.SUSPENDING)
-        pids = yield from suspend(view, name)
-        if not pids:
-            raise StepFailed(f"{name}: no process of its tree holds CUDA state; nothing to suspend")
+        yield from nccl(view, name, "suspend_nccl")
+        try:
+            pids = yield from suspend(view, name)
+            if not pids:
+                raise StepFailed(f"{name}: no process of its tree holds CUDA state; nothing to "
+                                 "suspend")
+        except StepFailed:
+            yield from nccl(view, name, "resume_nccl", best_effort=True)
+            raise
         yield Transition(name, S.SUSPENDED, fields={"asleep_level": 3, "cuda_pids": pids})
 
     def wake(self, view, name):
@@ -111,6 +132,7 @@ class CudaSuspend:
         yield Transition(name, S.RESUMING)
         pids = view.runtimes[name].extra.get("cuda_pids", [])
         yield from resume(view, name, pids)
+        yield from nccl(view, name, "resume_nccl")
         yield Phase("health", name)
         yield from wait_healthy(view, name, timeout_of(view, name, "startup_timeout"))
         yield Transition(name, S.ACTIVE)
