@@ -441,3 +441,17 @@ def test_locator_never_fails(text):
     lines = locate_keys(text, repeats)
     count = text.count("\n") + 1
     assert all(1 <= n <= count for n in list(lines.values()) + repeats)
+
+
+def test_sample_catalog_documents_every_key():
+    """etc/llmux.toml is the reference: every setting the loader knows appears in it."""
+    import dataclasses
+    from pathlib import Path
+
+    from llmuxd.catalog import AccessSettings, CheckpointSettings, DaemonSettings, ModelSpec
+    text = (Path(__file__).parent.parent / "etc" / "llmux.toml").read_text()
+    for cls in (DaemonSettings, CheckpointSettings, AccessSettings, ModelSpec):
+        for f in dataclasses.fields(cls):
+            if f.name in ("checkpoint", "access", "name", "source"):
+                continue
+            assert f"{f.name} " in text or f"{f.name}=" in text, f"{cls.__name__}.{f.name}"

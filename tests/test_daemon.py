@@ -286,3 +286,21 @@ def test_default_model_is_active_at_start_and_reload_applies_a_diff(make_daemon)
     err = d.status()["config"]["error"]
     assert f"{d.config}:" in err and "new" in d.status()["models"]  # last good catalog stays
     assert d.status()["active"] == "a" and d.status()["models"]["a"]["pid"] == pid
+
+
+def test_logs_tail_and_follow(make_daemon):
+    d = make_daemon({"a": {}})
+    assert d.swap("a")["ok"]
+    tail = d.call({"cmd": "logs", "model": "a", "lines": 3})
+    assert tail["ok"] and len(tail["text"].splitlines()) == 3
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(d.socket)
+    s.sendall(b'{"cmd":"logs","model":"a","lines":0,"follow":true}\n')
+    f = s.makefile("rb")
+    assert json.loads(f.readline())["event"] == "log"
+    urllib.request.urlopen(f"http://127.0.0.1:{d.ports['a']}/v1/models").read()  # logs a line
+    line = json.loads(f.readline())
+    assert line["event"] == "log" and "/v1/models" in line["text"]
+    s.close()
+    r = d.ctl("logs", "a", "-n", "2")
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 2
