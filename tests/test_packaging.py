@@ -26,7 +26,7 @@ UNIT = ROOT / "packaging" / "systemd" / "llmuxd.service"
 DOCKERFILE = ROOT / "packaging" / "container" / "Dockerfile"
 COMPOSE = ROOT / "packaging" / "container" / "compose.yaml"
 CONTAINER_CATALOG = ROOT / "packaging" / "container" / "llmux.toml"
-SECTIONS = ROOT / "packaging" / "README-sections.md"
+SECTIONS = ROOT / "README.md"  # the "Run under systemd" and "Run in a container" sections
 CRIU_PREFIX = "/opt/llmux-criu"
 
 
