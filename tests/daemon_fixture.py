@@ -167,8 +167,9 @@ class Daemon:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
-def group_pids(pgid: int) -> list[int]:
-    out = []
+def proc_table() -> list[tuple[int, str, int, int]]:
+    """(pid, state, ppid, pgid) of every process, from /proc/PID/stat."""
+    rows = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
@@ -176,6 +177,9 @@ def group_pids(pgid: int) -> list[int]:
             except OSError:
                 continue
             rest = stat[stat.rfind(b")") + 2:].split()
-            if int(rest[2]) == pgid and rest[0] != b"Z":
-                out.append(int(name))
-    return out
+            rows.append((int(name), rest[0].decode(), int(rest[1]), int(rest[2])))
+    return rows
+
+
+def group_pids(pgid: int) -> list[int]:
+    return [pid for pid, state, _, group in proc_table() if group == pgid and state != "Z"]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .daemon_fixture import SIM, wait_for
+from .daemon_fixture import SIM, proc_table, wait_for
 
 ORPHANS = [str(Path(__file__).parent / "fakes" / "orphans.sh")]
 
@@ -25,17 +25,7 @@ def comm(pid: int) -> str:
 
 
 def zombies_of(ppid: int) -> list[int]:
-    found = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_bytes()
-            except OSError:
-                continue
-            rest = stat[stat.rfind(b")") + 2:].split()
-            if rest[0] == b"Z" and int(rest[1]) == ppid:
-                found.append(int(name))
-    return found
+    return [pid for pid, state, parent, _ in proc_table() if state == "Z" and parent == ppid]
 
 
 def test_orphan_burst_is_reaped_and_managed_status_is_not_lost(make_daemon):

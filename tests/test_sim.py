@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from llmuxd import sim_engine
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -67,8 +69,8 @@ class Sim:
         finally:
             conn.close()
 
-    def json(self, method, path, body=None):
-        status, data = self.request(method, path, body)
+    def json(self, method, path, body=None, timeout=5):
+        status, data = self.request(method, path, body, timeout=timeout)
         return status, json.loads(data) if data else None
 
     def complete(self, prompt="hello world", max_tokens=6, **extra):
@@ -151,6 +153,8 @@ def test_listens_only_once_ready(start_sim):
     assert status == 200 and [m["id"] for m in models["data"]] == ["test-model"]
     st = sim.state()
     assert st["ready"] and st["pid"] == sim.proc.pid and st["engine_pid"] in group_pids(sim.proc.pid)
+    assert st["tp"] == 1 and st["workers"] == [] and st["nccl"] is None  # TP=1: no workers
+    assert sorted(group_pids(sim.proc.pid)) == sorted([sim.proc.pid, st["engine_pid"]])
 
 
 def test_dev_endpoints_need_dev_mode(start_sim):
@@ -407,3 +411,196 @@ def test_real_cuda_memory_follows_sleep_levels(start_sim):
     assert cuda() == dict(cuda(), resident=True, intact=False)
     sim.json("POST", "/collective_rpc", {"method": "reload_weights"})
     assert cuda()["intact"] is True
+
+
+# --- tensor parallelism: Worker_TP<i> processes and their NCCL group ---------
+
+def ppid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+NCCL_DOWN = (503, {"error": "NCCL group is down"})
+
+
+@pytest.mark.parametrize("flag", [["--tensor-parallel-size", "2"], ["-tp", "2"],
+                                  ["--tensor-parallel-size=2"], ["-tp=2"]])
+def test_tp_spawns_workers_in_the_process_group(start_sim, flag):
+    sim = start_sim(*flag)
+    st = sim.state()
+    assert st["tp"] == 2 and st["nccl"] == "up" and st["cuda"] is None
+    workers = st["workers"]
+    assert [w["rank"] for w in workers] == [0, 1]
+    assert all(w["nccl"] == "up" and w["cuda"] is None and w["fake_cuda"] is None for w in workers)
+    pids = [w["pid"] for w in workers]
+    # No setsid: API server, engine and both workers share one group; the engine spawned them.
+    assert sorted(group_pids(sim.proc.pid)) == sorted([sim.proc.pid, st["engine_pid"], *pids])
+    assert [ppid(p) for p in pids] == [st["engine_pid"]] * 2
+    assert sim.json("POST", "/sim/allreduce") == (
+        200, {"ok": True, "expected": 3, "values": [3, 3], "real": False})
+    status, body = sim.complete()
+    assert status == 200 and body["llmux_sim"]["completions"] == 1
+    assert sim.state()["completions"] == 1
+
+
+def test_allreduce_at_tp1(start_sim):
+    sim = start_sim()
+    assert sim.json("POST", "/sim/allreduce") == (
+        200, {"ok": True, "expected": 1, "values": [1], "real": False})
+    # TP=1 has no NCCL group: unpatched vLLM's answer, as before
+    assert sim.json("POST", "/collective_rpc", {"method": "suspend_nccl"})[0] == 500
+
+
+def test_tp_suspend_and_resume_nccl(start_sim):
+    sim = start_sim("-tp", "3", "--enable-sleep-mode")
+    good = sim.complete()[1]["choices"][0]["text"]
+    status, body = sim.json("POST", "/collective_rpc", {"method": "suspend_nccl"})
+    assert status == 200 and body["results"] == [
+        {"rank": r, "nccl": "down", "changed": True} for r in range(3)]
+    st = sim.state()
+    assert st["nccl"] == "down" and [w["nccl"] for w in st["workers"]] == ["down"] * 3
+    assert sim.complete() == NCCL_DOWN
+    assert sim.json("POST", "/sim/allreduce") == NCCL_DOWN
+    # twice is harmless
+    status, body = sim.json("POST", "/collective_rpc", {"method": "suspend_nccl"})
+    assert status == 200 and [r["changed"] for r in body["results"]] == [False] * 3
+    # sleep and wake need no collectives
+    assert sim.request("POST", "/sleep?level=1")[0] == 200
+    assert sim.request("POST", "/wake_up")[0] == 200
+    assert sim.complete() == NCCL_DOWN
+    status, body = sim.json("POST", "/collective_rpc", {"method": "resume_nccl"})
+    assert status == 200 and body["results"] == [
+        {"rank": r, "nccl": "up", "changed": True} for r in range(3)]
+    st = sim.state()
+    assert st["nccl"] == "up" and st["nccl_generation"] == 1
+    status, body = sim.json("POST", "/collective_rpc", {"method": "resume_nccl"})  # up already
+    assert status == 200 and [r["changed"] for r in body["results"]] == [False] * 3
+    assert sim.state()["nccl_generation"] == 1
+    assert sim.json("POST", "/sim/allreduce") == (
+        200, {"ok": True, "expected": 6, "values": [6, 6, 6], "real": False})
+    status, body = sim.complete()
+    assert status == 200 and body["choices"][0]["text"] == good
+    assert body["llmux_sim"]["completions"] == 2  # the refused ones were not counted
+    # level 2 applies to every worker: garbage until reload_weights, one result per rank
+    assert sim.request("POST", "/sleep?level=2")[0] == 200
+    assert sim.request("POST", "/wake_up")[0] == 200
+    assert sim.complete()[1]["choices"][0]["text"] == "!" * 6
+    assert sim.json("POST", "/collective_rpc", {"method": "reload_weights"}) == (
+        200, {"results": [None, None, None]})
+    assert sim.complete()[1]["choices"][0]["text"] == good
+    assert sim.json("POST", "/collective_rpc", {"method": "no_such"})[0] == 500
+
+
+def test_tp_fake_cuda_per_worker_gates_work(start_sim, tmp_path):
+    cuda = tmp_path / "cuda"
+    cuda.mkdir()
+    sim = start_sim("-tp", "2", env={"LLMUX_SIM_FAKE_CUDA_DIR": str(cuda)})
+    st = sim.state()
+    pids = [w["pid"] for w in st["workers"]]
+    assert sorted(os.listdir(cuda)) == sorted(str(p) for p in [st["pid"], st["engine_pid"], *pids])
+    assert [w["fake_cuda"] for w in st["workers"]] == ["running", "running"]
+    rank1 = cuda / str(pids[1])
+    for state in ("locked", "checkpointed"):
+        rank1.write_text(state)
+        refused = (503, {"error": f"CUDA state is {state} (Worker_TP1)"})
+        assert sim.complete() == refused
+        assert sim.json("POST", "/sim/allreduce") == refused
+        assert sim.json("POST", "/collective_rpc", {"method": "suspend_nccl"}) == refused
+        assert [w["fake_cuda"] for w in sim.state()["workers"]] == ["running", state]
+    assert sim.state()["nccl"] == "up"  # the refused suspend changed nothing
+    rank1.write_text("running")
+    assert sim.complete()[0] == 200 and sim.json("POST", "/sim/allreduce")[0] == 200
+    assert sim.state()["completions"] == 1
+
+
+def test_tp_sigterm_leaves_no_worker(start_sim, tmp_path):
+    cuda = tmp_path / "cuda"
+    cuda.mkdir()
+    sim = start_sim("--tensor-parallel-size", "2", "--fake-cuda-dir", str(cuda))
+    st = sim.state()
+    pids = [st["engine_pid"]] + [w["pid"] for w in st["workers"]]
+    assert len(os.listdir(cuda)) == 4
+    sim.proc.send_signal(signal.SIGTERM)
+    assert sim.proc.wait(5) == 0
+    assert not any(alive(p) for p in pids) and group_pids(sim.proc.pid) == []
+    assert os.listdir(cuda) == []
+    assert not [f for f in os.listdir(sim_engine.store_dir())
+                if f.startswith(f"llmux-sim-{st['engine_pid']}-")]
+
+
+def test_tp_workers_exit_when_the_engine_dies(start_sim):
+    sim = start_sim("-tp", "2", env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    st = sim.state()
+    pids = [w["pid"] for w in st["workers"]]
+    os.kill(st["engine_pid"], signal.SIGKILL)
+    t0 = time.monotonic()
+    assert wait_for(lambda: not any(alive(p) for p in pids), timeout=2)
+    assert time.monotonic() - t0 < 1.5  # the death pipe, not a timeout
+    assert wait_for(lambda: sim.health() == 503)
+    assert group_pids(sim.proc.pid) == [sim.proc.pid]
+
+
+def test_tp_worker_death_kills_the_engine(start_sim):
+    # vLLM's executor watches its workers: one dies, the engine shuts down.
+    sim = start_sim("-tp", "2", env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    st = sim.state()
+    os.kill(st["workers"][1]["pid"], signal.SIGKILL)
+    assert wait_for(lambda: group_pids(sim.proc.pid) == [sim.proc.pid])
+    assert sim.health() == 503 and sim.complete()[0] == 500
+    assert "Worker_TP1" in sim.err.read_text()
+
+
+def _gpus():
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+@pytest.mark.skipif(_gpus() < 2, reason="needs torch with 2 GPUs")
+def test_real_nccl_tp2(start_sim):
+    sim = start_sim("-tp", "2", "--cuda-mb", "64", "--enable-sleep-mode", wait=False)
+    sim.wait_ready(timeout=120)
+    st = sim.state()
+    engine_pid = st["engine_pid"]
+
+    def workers_cuda():
+        return [w["cuda"] for w in sim.state()["workers"]]
+
+    assert [c["mb"] for c in workers_cuda()] == [64, 64]
+    assert all(c["intact"] and c["resident"] for c in workers_cuda())
+    assert st["cuda"]["intact"] is True and st["cuda"]["mb"] == 128
+    real_ok = (200, {"ok": True, "expected": 3, "values": [3, 3], "real": True})
+    assert sim.json("POST", "/sim/allreduce") == real_ok
+    gen0 = os.path.join(sim_engine.store_dir(), f"llmux-sim-{engine_pid}-gen0")
+    for _ in range(2):
+        assert sim.json("POST", "/collective_rpc", {"method": "suspend_nccl"}, timeout=120)[0] == 200
+        assert not os.path.exists(gen0)  # no store is left between generations
+        assert sim.json("POST", "/sim/allreduce") == NCCL_DOWN
+        assert all(c["intact"] for c in workers_cuda())
+        assert sim.json("POST", "/collective_rpc", {"method": "resume_nccl"}, timeout=120)[0] == 200
+        assert sim.json("POST", "/sim/allreduce") == real_ok
+        assert sim.complete()[0] == 200
+    assert all(c["intact"] for c in workers_cuda())
+    sim.request("POST", "/sleep?level=1")
+    assert [c["resident"] for c in workers_cuda()] == [False, False]
+    sim.request("POST", "/wake_up")
+    assert all(c["intact"] for c in workers_cuda())
+    sim.request("POST", "/sleep?level=2")
+    sim.request("POST", "/wake_up")
+    assert [c["intact"] for c in workers_cuda()] == [False, False]
+    sim.json("POST", "/collective_rpc", {"method": "reload_weights"})
+    assert all(c["intact"] for c in workers_cuda())
+    assert sim.json("POST", "/sim/allreduce") == real_ok
+    sim.proc.send_signal(signal.SIGTERM)
+    assert sim.proc.wait(30) == 0 and group_pids(sim.proc.pid) == []
+
+
+@pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")
+def test_tp_larger_than_the_gpu_count_fails_start(start_sim):
+    sim = start_sim("-tp", str(_gpus() + 1), "--cuda-mb", "8", wait=False)
+    assert sim.proc.wait(120) == 1
+    err = sim.err.read_text()
+    assert "Engine core initialization failed" in err and f"needs {_gpus() + 1} GPUs" in err
+    assert group_pids(sim.proc.pid) == []
