@@ -169,7 +169,7 @@ class ControlServer:
         sock.setblocking(False)
         self.sock = sock
         self.reactor.add_reader(sock, self._accept)
-        self._sweep_timer()
+        self._sweeping = False
 
     def _remove_stale(self) -> None:
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -203,6 +203,9 @@ class ControlServer:
                 continue
             self.clients.add(client)
             self.reactor.add_reader(conn, client.on_readable)
+            if not self._sweeping:  # an idle daemon with no clients has no timer to run
+                self._sweeping = True
+                self.reactor.call_later(min(1.0, self.request_timeout / 2), self._sweep_timer)
 
     def _sweep_timer(self) -> None:
         now = time.monotonic()
@@ -213,7 +216,10 @@ class ControlServer:
                 log.warning("dropping %r: its request did not arrive within %gs", client,
                             self.request_timeout)
                 client.close()
-        self.reactor.call_later(min(1.0, self.request_timeout / 2), self._sweep_timer)
+        if self.clients:
+            self.reactor.call_later(min(1.0, self.request_timeout / 2), self._sweep_timer)
+        else:
+            self._sweeping = False
 
     def close(self) -> None:
         for client in list(self.clients):

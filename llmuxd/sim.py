@@ -5,6 +5,10 @@ It imitates what llmuxd depends on in vLLM 0.10-0.16 (shared/research/vllm-api.m
 - Two processes, as vLLM: this API server and an EngineCore child
   (llmuxd/sim_engine.py) in the same process group, so a supervisor must kill
   the group; the engine outlives a SIGKILLed API server.
+- With --tensor-parallel-size N > 1 (-tp N), N worker processes more
+  (llmuxd/sim_worker.py), children of the engine, in the same group: they hold
+  the GPU state and an NCCL group, torn down and rebuilt by the collective_rpc
+  methods suspend_nccl and resume_nccl of llmux's vLLM patch.
 - The port is bound before the engine loads but listen() only once it is
   ready, so early connections are refused, as with uvicorn.
 - The HTTP surface: /health, /v1/models, /v1/completions (also streamed),
@@ -61,12 +65,15 @@ def parse_args(argv):
     s.add_argument("--crash-after", type=float, metavar="SECONDS")
     s.add_argument("--fake-cuda-dir", default=os.environ.get("LLMUX_SIM_FAKE_CUDA_DIR") or None)
     s.add_argument("--cuda-mb", type=int, default=0)
+    s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
     e = sub.add_parser("engine", help=argparse.SUPPRESS)  # internal: the EngineCore child
     e.add_argument("--fd", type=int, required=True)
     e.add_argument("--config", required=True)
     args, unknown = top.parse_known_args(argv)
     if args.cmd == "serve" and not (args.model or args.model_tag):
         s.error("a MODEL is required")
+    if args.cmd == "serve" and args.tensor_parallel_size < 1:
+        s.error("--tensor-parallel-size must be at least 1")
     return args, unknown
 
 
@@ -128,6 +135,7 @@ class Handler(BaseHTTPRequestHandler):
         "/sim/state": ("GET", "sim_state", False),
         "/sim/fail": ("POST", "sim_fail", False),
         "/sim/crash": ("POST", "sim_crash", False),
+        "/sim/allreduce": ("POST", "sim_allreduce", False),
     }
 
     def do_GET(self):
@@ -322,7 +330,17 @@ class Handler(BaseHTTPRequestHandler):
             r["state"], pid=os.getpid(), engine_pid=r["engine_pid"], model=srv.model, ready=True,
             cuda=r["cuda"], fake_cuda=r["fake_cuda"], sleep_mode_enabled=r["sleep_mode_enabled"],
             freed_mb=r["freed_mb"], sleeping_tags=r["sleeping_tags"], in_flight=srv.in_flight,
-            fail=srv.fail))
+            fail=srv.fail, tp=r["tp"], workers=r["workers"], nccl=r["nccl"],
+            nccl_generation=r["nccl_generation"]))
+
+    def route_sim_allreduce(self, srv):
+        # Every rank all-reduces rank + 1 (NCCL on its GPU when real): a check
+        # that the group works, e.g. after resume_nccl.  500 on a wrong sum.
+        reply = srv.engine_call("allreduce")
+        if not reply["ok"]:
+            return self.send_json(reply["status"], {"error": reply["error"]})
+        result = reply["allreduce"]
+        self.send_json(200 if result["ok"] else 500, result)
 
     def route_sim_fail(self, srv):
         what = self.query.get("what", [""])[0]
@@ -356,7 +374,7 @@ def serve(args):
 
     cfg = {key: getattr(args, key) for key in (
         "start_delay", "sleep_delay", "wake_delay", "fail_start", "enable_sleep_mode",
-        "fake_cuda_dir", "cuda_mb")}
+        "fake_cuda_dir", "cuda_mb", "tensor_parallel_size")}
     stop = threading.Event()
     try:
         server.engine = sim_engine.start_engine(cfg, lambda *_: stop.set())

@@ -11,6 +11,12 @@ on a socketpair inherited from the API server.
 It is started as `python -m llmuxd.sim engine --fd N --config JSON`; the
 subcommand is internal.  EngineClient and start_engine, at the end, are the API
 server's side; metrics_text renders the engine's stats as vLLM's /metrics.
+
+With --tensor-parallel-size N > 1 the engine holds no GPU state itself: like
+vLLM's MultiprocExecutor it spawns N Worker_TP<i> processes (llmuxd/sim_worker.py),
+one per rank and GPU, in the same process group, and forwards every operation to
+all of them (Workers, below).  They form an NCCL group (simulated without
+torch), which /collective_rpc suspend_nccl / resume_nccl tear down and rebuild.
 Plain sockets, pipes and threads only, so that CRIU can checkpoint and restore it.
 """
 
@@ -99,20 +105,22 @@ def metrics_text(model, state, running):
 
 class GpuWeights:
     """A uint8 tensor filled with i % 251, so corruption after a CUDA checkpoint,
-    an offload or a discard is detectable by recomputing the pattern on the GPU."""
+    an offload or a discard is detectable by recomputing the pattern on the GPU.
+    `index` is the visible GPU it lives on (a TP worker's rank; 0 for the engine)."""
 
     CHUNK = 16 << 20  # elements per pattern chunk: bounds the int64 temporaries
 
-    def __init__(self, torch, mb):
+    def __init__(self, torch, mb, index=0):
         self.torch, self.mb, self.n = torch, mb, mb << 20
-        self.device = torch.cuda.get_device_name(0)
-        self.gpu = torch.empty(self.n, dtype=torch.uint8, device="cuda")
+        self.dev = torch.device("cuda", index)
+        self.device = torch.cuda.get_device_name(index)
+        self.gpu = torch.empty(self.n, dtype=torch.uint8, device=self.dev)
         self.cpu = None
         self.fill()
 
     def _pattern(self, a, b):
         t = self.torch
-        return (t.arange(a, b, dtype=t.int64, device="cuda") % 251).to(t.uint8)
+        return (t.arange(a, b, dtype=t.int64, device=self.dev) % 251).to(t.uint8)
 
     def _chunks(self):
         return ((a, min(a + self.CHUNK, self.n)) for a in range(0, self.n, self.CHUNK))
@@ -121,7 +129,7 @@ class GpuWeights:
         if self.gpu is not None:
             for a, b in self._chunks():
                 self.gpu[a:b].copy_(self._pattern(a, b))
-            self.torch.cuda.synchronize()
+            self.torch.cuda.synchronize(self.dev)
 
     def intact(self):
         if self.gpu is None:
@@ -138,9 +146,9 @@ class GpuWeights:
 
     def restore(self):  # wake: copy back, or fresh zeros until reload_weights
         if self.cpu is not None:
-            self.gpu, self.cpu = self.cpu.to("cuda"), None
+            self.gpu, self.cpu = self.cpu.to(self.dev), None
         elif self.gpu is None:
-            self.gpu = self.torch.zeros(self.n, dtype=self.torch.uint8, device="cuda")
+            self.gpu = self.torch.zeros(self.n, dtype=self.torch.uint8, device=self.dev)
 
     def info(self):
         return {"mb": self.mb, "intact": self.intact(), "device": self.device,
@@ -161,12 +169,205 @@ def load_gpu(mb):
     return gpu
 
 
+# --- tensor parallelism: the engine's side of its Worker_TP<i> children -----
+
+WORKER_STOP_TIMEOUT_S = 4.0  # vLLM's MultiprocExecutor: SIGTERM, 4 s, then SIGKILL
+# NVLink multicast must stay off: on shared hosts it can take the GPUs down.
+NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1"}
+_stopping = threading.Event()  # set by the engine's SIGTERM/SIGINT handler
+
+
+class WorkerDied(Exception):
+    pass
+
+
+class WorkerStartError(Exception):
+    pass
+
+
+def store_dir():
+    """Where the FileStore of each NCCL generation lives: /dev/shm if usable."""
+    shm = "/dev/shm"
+    if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK):
+        return shm
+    import tempfile
+    return tempfile.gettempdir()
+
+
+class Workers:
+    """The N worker processes of a TP engine, one socketpair each (newline-
+    delimited JSON, one request at a time, sent to every rank before any reply
+    is read, so collectives can rendezvous) and one death pipe for all: its
+    write end lives only here, so the workers see EOF as soon as we are gone.
+    Workers stay in our process group (no setsid), as vLLM's do."""
+
+    def __init__(self, cfg, n):
+        self.n = n
+        self.procs, self.socks, self.rfiles, self.pids = [], [], [], []
+        self.generation = -1  # the NCCL group's generation; its FileStore path follows it
+        self.store = None
+        death_r, self.death_w = os.pipe()  # both non-inheritable; death_r goes by pass_fds
+        env = dict(os.environ, **NCCL_ENV)
+        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+        try:
+            for rank in range(n):
+                ours, theirs = socket.socketpair()
+                wcfg = {"rank": rank, "world_size": n, "cuda_mb": cfg.get("cuda_mb") or 0,
+                        "fake_cuda_dir": cfg.get("fake_cuda_dir"), "engine_pid": os.getpid()}
+                try:
+                    proc = subprocess.Popen(
+                        [sys.executable, "-m", "llmuxd.sim_worker", "--fd", str(theirs.fileno()),
+                         "--death-fd", str(death_r), "--config", json.dumps(wcfg)],
+                        pass_fds=(theirs.fileno(), death_r), env=env)
+                finally:
+                    theirs.close()
+                self.procs.append(proc)
+                self.pids.append(proc.pid)
+                self.socks.append(ours)
+                self.rfiles.append(ours.makefile("rb"))
+            os.close(death_r)
+            death_r = None
+            errors = []
+            for rank in range(n):  # each rank loads "its shard" in parallel; collect them all
+                try:
+                    msg = self._read(rank)
+                except WorkerDied:
+                    msg = {"ready": False, "error": f"exited with {self.procs[rank].wait()}"}
+                if not msg.get("ready"):
+                    errors.append(f"Worker_TP{rank}: {msg.get('error')}")
+            if errors:
+                raise WorkerStartError("; ".join(errors))
+            try:
+                self.nccl_up()
+            except RuntimeError as e:
+                raise WorkerStartError(str(e)) from None
+        except BaseException:
+            if death_r is not None:
+                os.close(death_r)
+            self.stop()
+            raise
+        threading.Thread(target=self._monitor, name="worker-monitor", daemon=True).start()
+
+    # plumbing
+
+    def _read(self, rank):
+        try:
+            line = self.rfiles[rank].readline()
+        except OSError:
+            line = b""
+        if not line:
+            raise WorkerDied(f"Worker_TP{rank} (pid {self.pids[rank]}) died")
+        return json.loads(line)
+
+    def broadcast(self, op, **kw):
+        """Send `op` to every rank, then collect the replies, in rank order."""
+        data = json.dumps(dict(kw, op=op)).encode() + b"\n"
+        for rank, sock in enumerate(self.socks):
+            try:
+                sock.sendall(data)
+            except OSError:
+                raise WorkerDied(f"Worker_TP{rank} (pid {self.pids[rank]}) died") from None
+        replies = [self._read(rank) for rank in range(self.n)]
+        failed = [f"Worker_TP{rank}: {r.get('error')}" for rank, r in enumerate(replies)
+                  if not r.get("ok") and op != "check"]
+        if failed:
+            raise RuntimeError(f"{op} failed on {'; '.join(failed)}")
+        if op != "check":
+            for r in replies:
+                r.pop("ok", None)
+        return replies
+
+    def preflight(self, nccl):
+        """None if every rank can do CUDA work (and collectives, with nccl=True),
+        else the first refusal as an engine reply (503)."""
+        for reply in self.broadcast("check", nccl=nccl):
+            if not reply["ok"]:
+                return {"ok": False, "status": 503, "error": reply["error"]}
+        return None
+
+    def _monitor(self):
+        # vLLM's executor watches its workers' sentinels: one dies, the engine dies.
+        while True:
+            for rank, proc in enumerate(self.procs):
+                if proc.poll() is not None:
+                    time.sleep(0.3)  # a group-wide SIGTERM reaches us too: let it win
+                    if not _stopping.is_set():
+                        fatal(f"Worker_TP{rank} (pid {proc.pid}) died unexpectedly "
+                              f"(exit {proc.returncode}); shutting down the executor", self)
+                    return
+            if _stopping.wait(0.1):
+                return
+
+    # NCCL generations
+
+    def nccl_up(self):
+        self.generation += 1
+        self.store = os.path.join(store_dir(), f"llmux-sim-{os.getpid()}-gen{self.generation}")
+        self._unlink_store()  # FileStore needs a fresh, empty file per group
+        return self.broadcast("nccl_up", path=self.store, generation=self.generation)
+
+    def nccl_down(self):
+        replies = self.broadcast("nccl_down")
+        self._unlink_store()
+        return replies
+
+    def _unlink_store(self):
+        if self.store:
+            try:
+                os.unlink(self.store)
+            except FileNotFoundError:
+                pass
+
+    def stop(self):
+        """SIGTERM every worker, SIGKILL what is left after 4 s, reap them all."""
+        _stopping.set()
+        for proc in self.procs:
+            proc.terminate()
+        deadline = time.monotonic() + WORKER_STOP_TIMEOUT_S
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self.rfiles + self.socks:
+            f.close()
+        if self.death_w is not None:
+            os.close(self.death_w)
+            self.death_w = None
+        self._unlink_store()
+
+
+def fatal(msg, workers=None, cuda_file=None):
+    """The engine dies as vLLM's does when its executor fails: the API server
+    then sees EOF, answers 500, and its watchdog ends it."""
+    print(f"ERROR (EngineCore_DP0 pid={os.getpid()}) {msg}", file=sys.stderr, flush=True)
+    if workers is not None:
+        workers.stop()
+    remove_fake_cuda(cuda_file or fake_cuda_path(_fake_cuda_dir))
+    os._exit(1)
+
+
+_fake_cuda_dir = None  # the engine's, for fatal() from the monitor thread
+
+
 # --- the engine --------------------------------------------------------------
 
 def make_tokens(prompt, n, weights_ok):
     if not weights_ok:  # what vLLM serves after a level-2 wake without reload_weights
         return ["!"] * n
     return [" " + VOCAB[zlib.crc32(f"{prompt}\0{i}".encode()) % len(VOCAB)] for i in range(n)]
+
+
+def summarise_cuda(infos):
+    """The top-level "cuda" of a TP engine: totals over its workers."""
+    if not infos or not all(infos):
+        return None
+    return {"mb": sum(i["mb"] for i in infos), "intact": all(i["intact"] for i in infos),
+            "device": infos[0]["device"], "resident": all(i["resident"] for i in infos),
+            "ranks": len(infos)}
 
 
 class Engine:
@@ -178,7 +379,17 @@ class Engine:
         self.level = 0              # 0 awake, else the level of the current sleep
         self.weights_ok = True
         self.freed_mb = 0
-        self.gpu = load_gpu(cfg["cuda_mb"]) if cfg.get("cuda_mb") else None
+        self.tp = int(cfg.get("tensor_parallel_size") or 1)
+        self.gpu = self.workers = None
+        if self.tp > 1:  # the executor's workers hold the GPUs; the engine holds none
+            log(f"Spawning {self.tp} workers (tensor_parallel_size={self.tp})")
+            self.workers = Workers(cfg, self.tp)
+        elif cfg.get("cuda_mb"):
+            self.gpu = load_gpu(cfg["cuda_mb"])
+
+    def close(self):
+        if self.workers:
+            self.workers.stop()
 
     def snapshot(self):
         return {"sleeping": bool(self.sleeping_tags), "level": self.level,
@@ -194,10 +405,15 @@ class Engine:
         return reply
 
     def op_state(self, req):
+        workers = self.workers.broadcast("state") if self.workers else []
+        flags = {w["nccl"] for w in workers}
         return {"engine_pid": os.getpid(), "fake_cuda": read_fake_cuda(self.cuda_file),
-                "cuda": self.gpu.info() if self.gpu else None,
+                "cuda": summarise_cuda([w["cuda"] for w in workers]) if self.workers
+                else self.gpu.info() if self.gpu else None,
                 "sleep_mode_enabled": self.cfg["enable_sleep_mode"], "freed_mb": self.freed_mb,
-                "sleeping_tags": sorted(self.sleeping_tags)}
+                "sleeping_tags": sorted(self.sleeping_tags), "tp": self.tp, "workers": workers,
+                "nccl": (flags.pop() if len(flags) == 1 else "mixed") if workers else None,
+                "nccl_generation": self.workers.generation if self.workers else None}
 
     def op_generate(self, req):
         cuda = read_fake_cuda(self.cuda_file)
@@ -206,9 +422,34 @@ class Engine:
         if self.sleeping_tags:
             # Real vLLM may crash with an illegal memory access here; we refuse.
             return {"ok": False, "status": 503, "error": "The model is sleeping"}
+        if self.workers:  # every rank takes part in a forward pass (an all-reduce per layer)
+            refusal = self.workers.preflight(nccl=True)
+            if refusal:
+                return refusal
+            self.workers.broadcast("generate")
         self.completions += 1
         return {"tokens": make_tokens(req["prompt"], req["max_tokens"], self.weights_ok),
                 "completions": self.completions, "engine_pid": os.getpid()}
+
+    def op_allreduce(self, req):
+        """/sim/allreduce: each rank contributes rank + 1."""
+        expected = self.tp * (self.tp + 1) // 2
+        if not self.workers:  # TP=1: no group, the engine is rank 0
+            cuda = read_fake_cuda(self.cuda_file)
+            if cuda not in (None, "running"):
+                return {"ok": False, "status": 503, "error": f"CUDA state is {cuda}"}
+            return {"allreduce": {"ok": True, "expected": 1, "values": [1], "real": False}}
+        refusal = self.workers.preflight(nccl=True)
+        if refusal:
+            return refusal
+        replies = self.workers.broadcast("allreduce")
+        real = all(r["real"] for r in replies)
+        if real:
+            values = [r["value"] for r in replies]
+        else:  # simulated: the sum in Python, over what every rank contributed
+            values = [sum(r["contribution"] for r in replies)] * self.tp
+        return {"allreduce": {"ok": all(v == expected for v in values), "expected": expected,
+                              "values": values, "real": real}}
 
     def op_sleep(self, req):
         if self.sleeping_tags:
@@ -222,7 +463,9 @@ class Engine:
         # Without --enable-sleep-mode nothing is tracked by CuMemAllocator, so
         # sleep "succeeds" and frees nothing: the weights stay where they were.
         if self.cfg["enable_sleep_mode"]:
-            if self.gpu:
+            if self.workers:
+                self.freed_mb = sum(r["freed_mb"] for r in self.workers.broadcast("sleep", level=self.level))
+            elif self.gpu:
                 self.gpu.offload() if self.level == 1 else self.gpu.discard()
                 self.freed_mb = self.gpu.mb
         self.sleeping_tags = set(ALL_TAGS)
@@ -243,7 +486,9 @@ class Engine:
         if "weights" in tags and self.cfg["enable_sleep_mode"]:
             if self.level == 2:
                 self.weights_ok = False  # fresh, uninitialised weights: garbage out
-            if self.gpu:
+            if self.workers:
+                self.workers.broadcast("wake")
+            elif self.gpu:
                 self.gpu.restore()
         self.sleeping_tags -= set(tags)
         if not self.sleeping_tags:
@@ -253,14 +498,37 @@ class Engine:
 
     def op_collective_rpc(self, req):
         method = req.get("method")
+        if self.workers and method in ("suspend_nccl", "resume_nccl"):
+            return self.rpc_nccl(method)
         if method != "reload_weights":
             return {"ok": False, "status": 500,
                     "error": f"'Worker' object has no attribute {method!r}"}
         self.weights_ok = True
-        if self.gpu:
+        if self.workers:
+            self.workers.broadcast("reload")
+        elif self.gpu:
             self.gpu.fill()
         log("Reloaded weights")
-        return {"results": [None]}
+        return {"results": [None] * self.tp}
+
+    def rpc_nccl(self, method):
+        """The NCCL suspend/resume of llmux's vLLM patch: tear the communicators
+        down before cuda-checkpoint (NCCL's IPC memory cannot be checkpointed),
+        build a new group, from a fresh FileStore, after."""
+        refusal = self.workers.preflight(nccl=False)
+        if refusal:
+            return refusal
+        states = [w["nccl"] for w in self.workers.broadcast("state")]
+        if method == "suspend_nccl":
+            results = self.workers.nccl_down()
+        elif all(s == "up" for s in states):
+            results = [{"rank": r, "nccl": "up", "changed": False} for r in range(self.tp)]
+        else:  # every rank must join the same new generation: bring stragglers down first
+            if "up" in states:
+                self.workers.nccl_down()
+            results = self.workers.nccl_up()
+        log(f"{method}: NCCL group is {results[0]['nccl']} (generation {self.workers.generation})")
+        return {"results": results}
 
     def op_reset_prefix_cache(self, req):
         return None
@@ -268,10 +536,13 @@ class Engine:
 
 def run_engine(fd, cfg):
     """Entry point of the EngineCore process; returns the exit status."""
+    global _fake_cuda_dir
+    _fake_cuda_dir = cfg.get("fake_cuda_dir")
     cuda_file = fake_cuda_path(cfg.get("fake_cuda_dir"))
     write_fake_cuda(cuda_file)
 
     def on_signal(signum, frame):  # like vLLM's EngineCore: SystemExit, clean exit 0
+        _stopping.set()
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -289,24 +560,33 @@ def _serve(sock, cfg, cuda_file):
         print("ERROR: EngineCore failed to start: simulated failure (--fail-start)",
               file=sys.stderr, flush=True)
         return 1
-    engine = Engine(cfg, cuda_file)
     try:
-        sock.sendall(json.dumps({"ready": True, "engine_pid": os.getpid()}).encode() + b"\n")
-        log("Engine ready")
-        while True:
-            line = rfile.readline()
-            if not line:
-                break
-            try:
-                reply = engine.handle(json.loads(line))
-            except Exception as e:  # a bad request must not kill the engine
-                reply = {"ok": False, "status": 500, "error": f"{type(e).__name__}: {e}"}
-            sock.sendall(json.dumps(reply).encode() + b"\n")
-    except OSError:
-        pass  # the API server vanished mid-write: same as EOF
-    log(f"Lost the API server; exiting in {ORPHAN_EXIT_DELAY_S:.0f} s")
-    time.sleep(ORPHAN_EXIT_DELAY_S)
-    return 0
+        engine = Engine(cfg, cuda_file)
+    except (WorkerStartError, WorkerDied) as e:
+        print(f"ERROR: EngineCore failed to start: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:  # whatever ends us (EOF, SIGTERM's SystemExit), the workers are stopped first
+        try:
+            sock.sendall(json.dumps({"ready": True, "engine_pid": os.getpid()}).encode() + b"\n")
+            log("Engine ready")
+            while True:
+                line = rfile.readline()
+                if not line:
+                    break
+                try:
+                    reply = engine.handle(json.loads(line))
+                except WorkerDied as e:
+                    fatal(f"{e}; shutting down the executor", engine.workers, cuda_file)
+                except Exception as e:  # a bad request must not kill the engine
+                    reply = {"ok": False, "status": 500, "error": f"{type(e).__name__}: {e}"}
+                sock.sendall(json.dumps(reply).encode() + b"\n")
+        except OSError:
+            pass  # the API server vanished mid-write: same as EOF
+        log(f"Lost the API server; exiting in {ORPHAN_EXIT_DELAY_S:.0f} s")
+        time.sleep(ORPHAN_EXIT_DELAY_S)
+        return 0
+    finally:
+        engine.close()
 
 
 # --- the API server's side of the socketpair ---------------------------------
