@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 out=${1:-.}
 py=${PYTHON:-python3}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # model processes import llmuxd.sim from the tree
 "$py" -m pip install --quiet --no-index --find-links .gpu/wheels \
     tomlkit psutil click watchfiles sdnotify h11 2>&1 | tail -2 || true
 criu=$PWD/.gpu/criu/bin/criu
