@@ -410,7 +410,8 @@ class Daemon:
         models = dict(new.models)
         for name in old.models.keys() - new.models.keys():
             rt = self.runtimes[name]
-            if rt.state in (S.STOPPED, S.FAILED):
+            busy = self.job is not None and self.job.model == name  # a plan is using it
+            if rt.state in (S.STOPPED, S.FAILED) and not busy:
                 del self.runtimes[name]
                 notes.append(f"removed {name}")
             else:  # still has a process or images: keep its definition until it is stopped

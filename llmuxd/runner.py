@@ -36,6 +36,11 @@ def failpoint(*names: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@dataclass(frozen=True)
+class _Throw:
+    exc: Exception
+
+
 @dataclass
 class Job:
     kind: str                 # swap, sleep, stop, recover, shutdown
@@ -81,7 +86,10 @@ class Runner:
     def _step(self, job: Job, value) -> None:
         while True:
             try:
-                op = job.plan.send(value)
+                if isinstance(value, _Throw):  # the operation itself was refused
+                    op = job.plan.throw(value.exc)
+                else:
+                    op = job.plan.send(value)
             except StopIteration as stop:
                 job.result = stop.value
                 self._finish(job, True, stop.value if isinstance(stop.value, str) else "done")
@@ -140,7 +148,7 @@ class Runner:
             S.advance(rt, op.state, op.error, **op.fields)
         except S.IllegalTransition as exc:
             log.error("refused transition (a bug): %s", exc)
-            return None
+            return _Throw(StepFailed(f"internal error: {exc}"))
         if op.state in (S.STOPPING, S.CHECKPOINTING):
             rt.extra["stop_requested"] = True
         log.info("%s: %s -> %s%s", op.model, before, op.state, f" ({op.error})" if op.error else "")
