@@ -67,6 +67,14 @@ def checkpoint_mode(d) -> str:
     return "suspend"
 
 
+def cuda_possible(d) -> bool:
+    """False when no process here can hold CUDA state (built-in helper, no NVIDIA
+    driver): then a level-4 dump need not ask every process about it."""
+    if d.catalog.daemon.checkpoint.cuda_checkpoint != "auto":
+        return True  # another tool (NVIDIA's, a stand-in) decides for itself
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia")
+
+
 def driver_version() -> int | None:
     try:
         with open("/sys/module/nvidia/version") as f:
@@ -229,4 +237,4 @@ def images_on_disk(d, name: str) -> str | None:
 OPERATIONS = {f.__name__: f for f in (
     process_tree, expected_image_size, free_space, checkpoint_mode, prepare_images,
     commit_images, read_manifest, busy_pids, adopt_restored, criu_errors, delete_images,
-    set_aside, link_remaps, forget_link_remaps, images_on_disk, host_facts)}
+    set_aside, link_remaps, forget_link_remaps, images_on_disk, host_facts, cuda_possible)}

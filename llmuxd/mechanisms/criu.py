@@ -72,7 +72,7 @@ class CriuCheckpoint:
                              f"{free / 2**20:.0f} MiB free")
         cuda_pids = []
         yield from nccl(view, name, "suspend_nccl")
-        if mode == "suspend":
+        if mode == "suspend" and (yield from io("cuda_possible")):
             try:
                 cuda_pids = yield from suspend(view, name)
             except StepFailed:
