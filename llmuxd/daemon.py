@@ -32,7 +32,15 @@ from .swap import recover_plan, shutdown_plan, stop_plan, swap_plan
 from .watch import CatalogWatcher
 
 log = logging.getLogger(__name__)
-REAP_SWEEP = 1.0  # a lost SIGCHLD heals within a second (tini does the same)
+REAP_SWEEP = 2.0  # SIGCHLD does the reaping; this sweep only heals a lost signal
+
+
+# Transitions not written to the state file (each write costs an fsync, ~1 ms):
+# for these a restarted llmuxd reaches the same conclusion from the state before,
+# because adoption asks the process itself (/health, /is_sleeping). A model stored
+# as active that was draining or going to sleep is found awake or asleep; one
+# stored as sleeping that was waking is found awake and stopped.
+UNPERSISTED = frozenset({S.DRAINING, S.GOING_TO_SLEEP, S.WAKING})
 
 
 def same_definition(a, b) -> bool:
@@ -356,7 +364,8 @@ class Daemon:
 
     def on_transition(self, name: str, before: str | None, after: str) -> None:
         """Hook for every state change (the state file and notifications attach here)."""
-        self.save_state()
+        if after not in UNPERSISTED:
+            self.save_state()
         if after == S.ACTIVE:
             self.notifier.status(f"active: {name}")
 

@@ -3,8 +3,8 @@
 h11 does the protocol (no hand-written parser); this module only moves bytes
 between a socket and an h11.Connection, under a deadline. /sleep can take
 minutes, so a call must never block the loop: every call is a small state
-machine driven by the reactor, and its result arrives through a callback on a
-later loop pass (never re-entrantly).
+machine driven by the reactor, and its result arrives through a callback (on a later
+loop pass if it failed before the constructor returned: never re-entrantly).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class HttpCall:
         self._reactor = reactor
         self._done = done
         self._finished = False
+        self._starting = True
         self._conn = h11.Connection(h11.CLIENT)
         self._status: int | None = None
         self._body = bytearray()
@@ -46,13 +47,19 @@ class HttpCall:
         self._sock = socket.socket(family, socket.SOCK_STREAM)
         self._sock.setblocking(False)
         self._timer = reactor.call_later(timeout, self._on_timeout)
+        self._starting = True
         err = self._sock.connect_ex((host, port))
-        if err not in (0, errno.EINPROGRESS):
+        if err == 0:  # loopback often connects at once: send now, skip a loop pass
+            self._on_writable()
+        elif err == errno.EINPROGRESS:
+            reactor.add_writer(self._sock, self._on_writable)
+        else:
             self._finish(HttpError(f"{self._what}: connection failed: {os.strerror(err)}"))
-            return
-        reactor.add_writer(self._sock, self._on_writable)
+        self._starting = False
 
     def _on_writable(self) -> None:
+        if self._finished:
+            return
         err = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._finish(HttpError(f"{self._what}: connection failed: {os.strerror(err)}"))
@@ -65,7 +72,9 @@ class HttpCall:
             self._finish(HttpError(f"{self._what}: send failed: {exc.strerror}"))
             return
         self._out = self._out[sent:]
-        if not self._out:
+        if self._out:
+            self._reactor.add_writer(self._sock, self._on_writable)
+        else:
             self._reactor.remove_writer(self._sock)
             self._reactor.add_reader(self._sock, self._on_readable)
 
@@ -109,8 +118,10 @@ class HttpCall:
         self._timer.cancel()
         self._reactor.forget(self._sock)
         self._sock.close()
-        # Deliver on the next pass: callers may be in the middle of issuing us.
-        self._reactor.call_later(0, lambda: self._done(result))
+        if self._starting:  # the caller is still inside our constructor: next pass
+            self._reactor.call_later(0, lambda: self._done(result))
+        else:
+            self._done(result)
 
     def cancel(self) -> None:
         self._finished = True

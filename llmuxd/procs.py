@@ -261,8 +261,10 @@ class Reaper:
             count += 1
             owner = self._owners.pop(pid, None)
             if owner is None:
+                # As PID 1 these come by the hundred: no formatting unless asked for.
                 self.orphans_reaped += 1
-                log.debug("reaped orphan %d: %s", pid, describe_exit(status))
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("reaped orphan %d: %s", pid, describe_exit(status))
                 continue
             try:
                 owner(status)

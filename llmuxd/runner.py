@@ -24,7 +24,7 @@ from .http import HttpCall
 
 log = logging.getLogger(__name__)
 PENDING = object()
-GONE_POLL = 0.05
+GONE_POLL = 0.01  # /proc scan of one process group: cheap, and swaps wait on it
 
 
 def failpoint(*names: str) -> None:
