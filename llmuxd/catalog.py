@@ -11,6 +11,7 @@ It imports nothing else from llmuxd.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -367,6 +368,10 @@ def locate_keys(text: str, repeats: list[int] | None = None) -> dict[tuple[str, 
 
 # ---------------------------------------------------------------- loading
 
+# path -> (text, tomlkit document, plain values, key lines) of the last good parse.
+_PARSED: dict[str, tuple[str, Any, dict, dict]] = {}
+
+
 class _File:
     """One file being validated: its name, key lines and the shared problem list."""
 
@@ -395,6 +400,11 @@ class _File:
             line = data[:e.start].count(b"\n") + 1
             self.problems.append(f"{self.path}:{line}: cannot read: not valid UTF-8 ({e.reason})")
             return None
+        cached = _PARSED.get(self.path)
+        if cached is not None and cached[0] == text:
+            # An unchanged file (most of a reload): tomlkit is the slow part of a load.
+            _, doc, plain, self.lines = cached
+            return copy.deepcopy(plain), doc
         try:
             doc = tomlkit.parse(text)
             plain = doc.unwrap()
@@ -409,6 +419,7 @@ class _File:
             self.problems.append(f"{self.path}:{line}: invalid TOML: {e or type(e).__name__}")
             return None
         self.lines = locate_keys(text)
+        _PARSED[self.path] = (text, doc, copy.deepcopy(plain), self.lines)
         return plain, doc
 
     def section(self, value: Any, path: tuple[str, ...], allowed: dict) -> dict[str, Any]:

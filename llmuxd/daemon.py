@@ -306,10 +306,11 @@ class Daemon:
         rt = self.runtimes.get(name)
         if rt is None or rt.pid != child.pid:
             return
-        reason = procs.describe_exit(status)
+        expected = bool(rt.extra.get("stop_requested"))
+        reason = procs.describe_exit(status, expected)
         rt.exit_reason, rt.pid = reason, None
-        if rt.extra.get("stop_requested"):
-            log.info("%s: pid %d %s (asked to stop)", name, child.pid, reason)
+        if expected:
+            log.info("%s: pid %d %s, as asked", name, child.pid, reason)
             return
         log.warning("%s: pid %d %s unexpectedly (state %s)", name, child.pid, reason, rt.state)
         if rt.state in (S.ACTIVE, S.SLEEPING, S.SUSPENDED):

@@ -32,8 +32,9 @@ SCRUBBED_PREFIXES = ("WATCHDOG_", "LISTEN_")
 SCRUBBED_NAMES = ("NOTIFY_SOCKET", "VLLM_PORT")
 
 
-def describe_exit(status: int | None) -> str:
-    """Human text for a wait status (None: not our child, status unknown)."""
+def describe_exit(status: int | None, expected: bool = False) -> str:
+    """Human text for a wait status (None: not our child, status unknown).
+    `expected`: we killed it ourselves (a stop, or CRIU after a dump): no guessing why."""
     if status is None:
         return "exited (status unknown: not our child)"
     if os.WIFSIGNALED(status):
@@ -42,7 +43,7 @@ def describe_exit(status: int | None) -> str:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        hint = " (out of memory?)" if sig == signal.SIGKILL else ""
+        hint = " (out of memory?)" if sig == signal.SIGKILL and not expected else ""
         return f"killed by {name}{hint}"
     if os.WIFEXITED(status):
         return f"exited with status {os.WEXITSTATUS(status)}"
