@@ -2,7 +2,7 @@
 
 Anyone who can connect may read (status, logs, doctor, ping). Commands that
 change state (swap, sleep, stop, reload, restart, shutdown) need one of: root,
-llmuxd's own user, a member of `socket_group`, or a user or group listed in
+llmuxd's own user or group (not root's group), a member of `socket_group`, or a user or group listed in
 `[daemon.access]`. Credentials come from the kernel (SO_PEERCRED, SO_PEERGROUPS),
 never from what the client says.
 """
@@ -39,7 +39,7 @@ class Access:
     def __init__(self, settings, strict: bool = True) -> None:
         """strict: unknown names are an error (at start); else they are logged and skipped."""
         self.uids = {0, os.geteuid()}
-        self.gids: set[int] = set()
+        self.gids: set[int] = {os.getegid()} if os.getegid() != 0 else set()
         self.socket_gid = None
         entries = [(resolve_user, self.uids, n) for n in settings.access.users]
         entries += [(resolve_group, self.gids, n) for n in settings.access.groups]

@@ -56,6 +56,9 @@ def kill_leftovers(d, name: str, entry: dict) -> list[int]:
     if members:
         log.warning("%s: killing leftovers of its process group %d: %s", name, pgid, members)
         procs.kill_group(pgid, signal.SIGKILL)
+    pidfd = d.pending_pidfds.pop(name, None)  # identified, but not to be adopted
+    if pidfd is not None:
+        os.close(pidfd)
     return members
 
 
@@ -89,8 +92,8 @@ def stop_unknown_model(d, name: str, entry: dict) -> None:
 def kill_restored(d, name: str, entry: dict) -> list[int]:
     """A restore cut short by our death: the restored tree (same PIDs) must go."""
     root = entry.get("checkpoint_pid")
-    if not root or not procs.is_alive(root):
-        return []
+    if not root or not procs.is_alive(root) or d.reaper.owns(root):
+        return []  # gone, or a process we track ourselves
     try:
         proc = psutil.Process(root)
         ours = os.getpgid(root) == root and any(

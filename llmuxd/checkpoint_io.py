@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 
 import psutil
@@ -94,7 +93,7 @@ def prepare_images(d, name: str) -> str:
     base = _images_dir(d)
     os.makedirs(base, mode=0o700, exist_ok=True)
     for old in glob.glob(os.path.join(base, f"{name}.partial-*")):
-        shutil.rmtree(old, ignore_errors=True)
+        delete_images(d, old)
     # Stale link_remap files that our own earlier dumps of this model left in
     # /dev/shm (never anybody else's: only those our manifest names).
     current = os.path.join(base, name)
@@ -114,8 +113,7 @@ def commit_images(d, name: str, tmp: str, manifest: dict) -> dict:
         os.fsync(f.fileno())
     os.rename(os.path.join(tmp, MANIFEST + ".tmp"), os.path.join(tmp, MANIFEST))
     final = os.path.join(_images_dir(d), name)
-    if os.path.exists(final):
-        shutil.rmtree(final)
+    delete_images(d, final)  # an older checkpoint of this model (keep_images)
     os.rename(tmp, final)
     return {"path": final, "bytes": size}
 
@@ -169,7 +167,12 @@ def criu_errors(d, path: str, log_name: str) -> str:
 
 
 def delete_images(d, path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Images can be many GB: rename them out of the way at once, delete in the background."""
+    if not path or not os.path.exists(path):
+        return
+    trash = f"{path}.deleting-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    os.rename(path, trash)
+    d.run_in_background(["rm", "-rf", "--", trash])
 
 
 def set_aside(d, path: str | None) -> str:
@@ -219,7 +222,7 @@ def host_facts(d) -> dict:
             driver = f.read().strip()
     except OSError:
         pass
-    return {"kernel": os.uname().release, "euid": os.geteuid(),
+    return {"kernel": os.uname().release, "euid": os.geteuid(), "pid": os.getpid(),
             "cap_sys_admin": bool(caps & (1 << 21)),
             "cap_checkpoint_restore": bool(caps & (1 << 40)),
             "driver": driver, "driver_major": driver_version(),

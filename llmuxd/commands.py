@@ -31,6 +31,7 @@ class Commands:
     def __init__(self, daemon) -> None:
         self.d = daemon
         self.followers: dict = {}  # client -> [path, offset]
+        self.doctor_job = None
         self._follow_timer = None
 
     def handle(self, client, line: bytes) -> None:
@@ -128,7 +129,13 @@ class Commands:
                          client)
 
     def cmd_doctor(self, client, request) -> None:
-        self.d.start_job("doctor", None, doctor_plan(self.d), client, exclusive=False)
+        # Anyone may ask, so one run at a time: later askers wait for the same answer.
+        if self.doctor_job is not None and self.doctor_job.ok is None:
+            client.busy = True
+            self.doctor_job.waiters.append(client)
+            return
+        self.doctor_job = self.d.start_job("doctor", None, doctor_plan(self.d), client,
+                                           exclusive=False)
 
     def cmd_reload(self, client, request) -> None:
         if self.d.shutting_down:

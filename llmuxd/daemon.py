@@ -224,6 +224,7 @@ class Daemon:
             log.info("shutting down: stopping every model")
         self.shutting_down = True
         self.hurry = hurry
+        self.killed_any = False  # the exit status speaks of this shutdown only
         mode = self.catalog.daemon.shutdown
         self.notifier.stopping()
         if self.job is not None:
@@ -261,8 +262,8 @@ class Daemon:
                 f.write(f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {name}: "
                         f"{' '.join(argv)}\n")
             child, _ = procs.spawn(argv, env=env, log_path=path, cwd=spec.cwd)
-        except OSError as exc:
-            return f"{argv[0]}: {exc.strerror or exc}"
+        except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
+            return f"{argv[0]}: {getattr(exc, 'strerror', None) or exc}"
         rt = self.runtimes[name]
         rt.pid, rt.pgid, rt.start_time, rt.exit_reason = child.pid, child.pid, child.start_time, None
         rt.extra.pop("stop_requested", None)
@@ -289,6 +290,16 @@ class Daemon:
         log.info("%s: tracking restored pid %d (start time %.2f)", name, pid, start_time)
         self.save_state()
         return start_time
+
+    def run_in_background(self, argv: list[str]) -> None:
+        """A helper whose result nobody waits for (deleting images): the reaper still
+        collects it, and the loop never blocks on the work."""
+        try:
+            child, _ = procs.spawn(argv, env=procs.clean_env(dict(os.environ), {}))
+        except OSError as exc:
+            log.error("cannot run %s: %s", argv[0], exc)
+            return
+        self.reaper.register(child.pid, lambda status: procs.mark_reaped(child, status))
 
     def watch_pidfd(self, name: str, pid: int, pidfd: int, start_time: float) -> None:
         """Supervise a process that is not our child: its pidfd turns readable at exit."""
@@ -319,16 +330,23 @@ class Daemon:
             self.save_state()
         # In a transitional state the running plan notices (CheckExited, HTTP).
 
+    def advance(self, name: str, state: str, error: str | None = None) -> None:
+        """A transition decided by supervision (not by a plan): same table, same hooks."""
+        rt = self.runtimes[name]
+        before = rt.state
+        S.advance(rt, state, error)
+        log.info("%s: %s -> %s%s", name, before, state, f" ({error})" if error else "")
+        self.on_transition(name, before, state)
+
     def on_crash(self, name: str, reason: str) -> None:
         rt = self.runtimes[name]
         if rt.pgid is not None:
             procs.kill_group(rt.pgid, signal.SIGKILL)  # EngineCore outlives its API server
         if rt.state == S.ACTIVE:
-            S.advance(rt, S.RESTARTING, error=f"crashed: {reason}")
+            self.advance(name, S.RESTARTING, error=f"crashed: {reason}")
             self.schedule_restart(name)
         else:
-            S.advance(rt, S.STOPPED, error=f"died while {rt.state}: {reason}")
-        self.on_transition(name, None, rt.state)
+            self.advance(name, S.STOPPED, error=f"died while {rt.state}: {reason}")
 
     def schedule_restart(self, name: str) -> None:
         rt, d = self.runtimes[name], self.catalog.daemon
@@ -337,8 +355,8 @@ class Daemon:
         if len(rt.restarts) >= d.restart_limit or self.shutting_down:
             if rt.pgid is not None:
                 procs.kill_group(rt.pgid, signal.SIGKILL)
-            S.advance(rt, S.FAILED, error=f"{rt.last_error}; gave up after {len(rt.restarts)} "
-                      f"restart(s) within {d.restart_window:g}s")
+            self.advance(name, S.FAILED, error=f"{rt.last_error}; gave up after "
+                         f"{len(rt.restarts)} restart(s) within {d.restart_window:g}s")
             log.error("%s: %s", name, rt.last_error)
             return
         delay = min(60.0, d.restart_backoff * 2 ** len(rt.restarts))
@@ -360,7 +378,7 @@ class Daemon:
         rt = self.runtimes.get(job.model)
         if job.ok or rt is None or rt.state != S.FAILED or self.shutting_down:
             return
-        S.advance(rt, S.RESTARTING)
+        self.advance(job.model, S.RESTARTING)
         self.schedule_restart(job.model)
 
     def on_transition(self, name: str, before: str | None, after: str) -> None:
@@ -393,8 +411,8 @@ class Daemon:
         log.warning("%s: health check failed (%d of %d): %s", name, rt.health_failures, limit,
                     describe_http(result))
         if rt.health_failures >= limit:
-            S.advance(rt, S.RESTARTING,
-                      error=f"unhealthy: {limit} failed health checks ({describe_http(result)})")
+            self.advance(name, S.RESTARTING,
+                         error=f"unhealthy: {limit} failed health checks ({describe_http(result)})")
             self.schedule_restart(name)
 
     # -- catalog --------------------------------------------------------------------

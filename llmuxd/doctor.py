@@ -7,8 +7,6 @@ job slot, so it answers during a swap.
 
 from __future__ import annotations
 
-import os
-
 from .actions import Io, IoFailed, RunTool
 from .mechanisms.cuda_suspend import cuda_tool
 
@@ -34,7 +32,7 @@ def doctor_plan(view):
         check = yield RunTool((ck.criu_path, "check"), TOOL_DEADLINE)
         facts["criu"]["check"] = "ok" if check.ok else first_line(check.output)
     # A process without CUDA state answers "not found" when the API itself works.
-    probe = yield RunTool(cuda_tool(view) + ("--get-state", "--pid", str(os.getpid())),
+    probe = yield RunTool(cuda_tool(view) + ("--get-state", "--pid", str(facts.get("pid", 1))),
                           TOOL_DEADLINE)
     answer = first_line(probe.output)
     api = probe.ok or answer.startswith("CUDA_ERROR_NOT_FOUND") or \

@@ -3,8 +3,9 @@
 This is where pure plans meet the world. Synchronous operations (the clock, a
 state transition, a port probe, a signal) are answered at once; waiting ones
 (HTTP, pauses, waiting for a process group to vanish, helper tools) register
-with the reactor and resume the plan from a later callback. Exactly one job
-runs at a time, which is what keeps GPU memory changes strictly sequential.
+with the reactor and resume the plan from a later callback. Exactly one
+exclusive job runs at a time, which keeps GPU memory changes strictly sequential;
+`doctor` is the only other kind and only reads.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from .http import HttpCall
 
 log = logging.getLogger(__name__)
 PENDING = object()
-GONE_POLL = 0.01  # /proc scan of one process group: cheap, and swaps wait on it
+GONE_POLL = 0.02  # a /proc scan for the group: swaps wait on it, so poll briskly
 
 
 def failpoint(*names: str) -> None:
@@ -43,7 +44,7 @@ class _Throw:
 
 @dataclass
 class Job:
-    kind: str                 # swap, sleep, stop, recover, shutdown
+    kind: str                 # swap, sleep, stop, restart, remove, recover, adopt, shutdown, doctor
     model: str | None
     plan: object              # the generator
     on_done: Callable[["Job"], None] | None = None
@@ -101,7 +102,11 @@ class Runner:
                 log.exception("plan %s crashed", job.describe())
                 self._finish(job, False, f"internal error: {exc}")
                 return
-            value = self.ops[type(op)](job, op)
+            try:
+                value = self.ops[type(op)](job, op)
+            except Exception as exc:  # a bug or an OS surprise: the plan must still end
+                log.exception("%s: operation %r failed", job.describe(), op)
+                value = _Throw(StepFailed(f"internal error in {type(op).__name__}: {exc}"))
             if value is PENDING:
                 return
 
@@ -245,7 +250,7 @@ class Runner:
         try:
             operation = checkpoint_io.OPERATIONS.get(op.name) or adopt_io.OPERATIONS[op.name]
             return operation(self.d, *op.args)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # psutil.Error, a malformed manifest...: the plan decides
             log.warning("%s%s failed: %s", op.name, op.args, exc)
             return IoFailed(f"{op.name}: {exc}")
 
@@ -263,15 +268,23 @@ class Runner:
         chunks: list[bytes] = []
         state: dict = {}
 
-        def finish() -> None:
-            if "status" in state and "eof" in state and "sent" not in state:
-                state["sent"] = True
-                timer.cancel()
-                rc = None if state.get("killed") else os.waitstatus_to_exitcode(state["status"])
-                text = b"".join(chunks).decode("utf-8", "replace")
-                done(ToolResult(rc, text[-8000:]))
+        def finish(force: bool = False) -> None:
+            if "sent" in state or not (force or ("status" in state and "eof" in state)):
+                return
+            state["sent"] = True
+            timer.cancel()
+            if "eof" not in state:  # a grandchild may hold the pipe: stop reading
+                reactor.remove_reader(read_fd)
+                os.close(read_fd)
+                state["eof"] = True
+            rc = None if state.get("killed") or "status" not in state else \
+                os.waitstatus_to_exitcode(state["status"])
+            text = b"".join(chunks).decode("utf-8", "replace")
+            done(ToolResult(rc, text[-8000:]))
 
         def on_output() -> None:
+            if "eof" in state:
+                return
             try:
                 data = os.read(read_fd, 65536)
             except BlockingIOError:
@@ -290,15 +303,19 @@ class Runner:
             state["status"] = status
             finish()
 
+        def kill() -> None:
+            if "status" not in state:  # once reaped, its group id may be someone else's
+                procs.kill_group(child.pid, signal.SIGKILL)
+
         def on_deadline() -> None:
             state["killed"] = True
-            procs.kill_group(child.pid, signal.SIGKILL)
+            kill()
             log.error("%s: killed at its deadline (%gs)", argv[0], timeout)
+            finish(force=True)  # even if it is stuck in the kernel: the plan goes on
 
         def cancel() -> None:
-            state["sent"] = True
-            timer.cancel()
-            procs.kill_group(child.pid, signal.SIGKILL)
+            kill()
+            finish(force=True)
 
         self.d.reaper.register(child.pid, on_exit)
         reactor.add_reader(read_fd, on_output)

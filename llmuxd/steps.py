@@ -30,7 +30,9 @@ class View(Protocol):
 
 
 def spec_of(view: View, name: str):
-    return view.catalog.models[name]
+    """The definition the model's process runs with (the catalog's, if none runs)."""
+    in_use = getattr(view, "spec_in_use", None)
+    return in_use(name) if in_use is not None else view.catalog.models[name]
 
 
 def timeout_of(view: View, name: str, key: str) -> float:
@@ -54,12 +56,15 @@ def parse_queue_depth(text: str) -> int | None:
 
 
 def drain(view: View, name: str) -> Plan:
-    """Wait for in-flight requests to finish -> (drained: bool, last depth)."""
+    """Wait for in-flight requests to finish -> (drained: bool, last depth), or
+    (True, "exited") when the process died meanwhile."""
     yield Phase("drain", name)
     timeout = timeout_of(view, name, "drain_timeout")
     deadline = (yield Now()) + timeout
     depth: int | None = None
     while True:
+        if (yield CheckExited(name)) is not None:
+            return True, "exited"
         result = yield Http(name, "GET", "/metrics", timeout=5.0)
         if isinstance(result, HttpResult) and result.ok:
             depth = parse_queue_depth(result.body.decode("utf-8", "replace"))

@@ -23,9 +23,10 @@ __all__ = ["swap_plan", "sleep_plan", "stop_plan", "restart_plan", "recover_plan
 
 
 def holders(view: View, exclude: str | None = None) -> list[str]:
-    """Models that hold (or may hold) the GPU at full size right now."""
+    """Models that hold (or may hold) the GPU at full size right now: the active one,
+    and any awake process left in another state (crashed and waiting to restart)."""
     return [n for n, rt in view.runtimes.items()
-            if n != exclude and rt.state in (S.ACTIVE, S.RESTARTING)]
+            if n != exclude and rt.state in S.HAS_PROCESS and rt.state not in S.ASLEEP]
 
 
 def evict(view: View, name: str, force: bool, level: int | None = None) -> Plan:
@@ -33,6 +34,9 @@ def evict(view: View, name: str, force: bool, level: int | None = None) -> Plan:
     level = level or spec_of(view, name).sleep_level
     yield Transition(name, S.DRAINING)
     drained, depth = yield from drain(view, name)
+    if depth == "exited":  # it died under us: nothing to drain or put to sleep
+        yield from stop(view, name, error=f"{name} exited while draining", hurry=True)
+        return
     if not drained and not force:
         yield Transition(name, S.ACTIVE)
         raise StepFailed(
@@ -85,7 +89,7 @@ def swap_plan(view: View, target: str, force: bool = False) -> Plan:
         if view.runtimes[name].state == S.ACTIVE:
             previous = name
             yield from evict(view, name, force)
-        else:  # crashed and waiting to restart: its leftovers go
+        else:  # crashed and waiting to restart, or left half way: its processes go
             yield from stop(view, name, hurry=True)
     try:
         yield from bring_up(view, target)
@@ -139,7 +143,11 @@ def restart_plan(view: View, name: str, force: bool = False) -> Plan:
     rt = view.runtimes[name]
     if rt.state == S.ACTIVE:
         yield from evict(view, name, force, level=5)
-        yield from start(view, name)
+        try:
+            yield from start(view, name)
+        except StepFailed as exc:
+            yield from stop(view, name, error=str(exc), final=S.FAILED)
+            raise
         return f"{name} restarted"
     yield from stop_plan(view, name)
     return f"{name} is stopped; its new definition applies at its next start"

@@ -46,7 +46,7 @@ def cold_start(m, port_holder=None):
 
 
 def drain_idle(m):
-    return [(T(m, S.DRAINING), None), (metrics(m), IDLE)]
+    return [(T(m, S.DRAINING), None), (CheckExited(m), None), (metrics(m), IDLE)]
 
 
 def sleep_ok(m, level):
@@ -126,7 +126,8 @@ def test_stop_escalates_to_sigkill_after_stop_timeout():
 
 def test_drain_timeout_changes_nothing_unless_forced():
     view = FakeView(CAT, {"a": S.ACTIVE, "b": S.SLEEPING}, {"b": 2})
-    busy = [(metrics("a"), BUSY), (Pause(0.1), None)] * 3 + [(metrics("a"), BUSY)]
+    busy = [(CheckExited("a"), None), (metrics("a"), BUSY), (Pause(0.1), None)] * 3 + [
+        (CheckExited("a"), None), (metrics("a"), BUSY)]
     table = [(T("a", S.DRAINING), None)] + busy + [(T("a", S.ACTIVE), None)]
     outcome, message, _ = run_table(view, swap_plan(view, "b"), table)
     assert outcome == "failed"
@@ -236,3 +237,31 @@ def test_transition_table_refuses_illegal_edges_and_keeps_state():
     assert rt.state == S.SLEEPING
     for state, nexts in S.TRANSITIONS.items():
         assert nexts <= set(S.TRANSITIONS), state
+
+
+def test_active_model_that_dies_while_draining_is_cleaned_up_and_the_swap_goes_on():
+    view = FakeView(CAT, {"a": S.ACTIVE})
+    table = [(T("a", S.DRAINING), None), (CheckExited("a"), "killed by SIGKILL"),
+             (T("a", S.STOPPING), None), (SignalGroup("a", signal.SIGKILL), None),
+             (WaitGone("a", 10.0), True), (T("a", S.STOPPED, "exited while draining"), None)
+             ] + cold_start("c")
+    outcome, _, _ = run_table(view, swap_plan(view, "c"), table)
+    assert outcome == "ok"
+    assert view.states() == {"a": "stopped", "b": "stopped", "c": "active"}
+
+
+def test_failed_restart_leaves_no_process_behind():
+    from llmuxd.swap import restart_plan
+    view = FakeView(CAT, {"a": S.ACTIVE})
+    table = drain_idle("a") + stop_clean("a") + [
+        (CheckPort("a"), None), (T("a", S.STARTING), None), (Spawn("a"), None),
+        (CheckExited("a"), "exited with status 1")] + stop_clean("a", final=S.FAILED)
+    outcome, message, _ = run_table(view, restart_plan(view, "a"), table)
+    assert outcome == "failed" and view.states()["a"] == "failed"
+
+
+def test_a_model_left_starting_is_stopped_before_another_starts():
+    view = FakeView(CAT, {"a": S.STARTING})
+    table = [(T("a", S.STOPPING), None), (SignalGroup("a", signal.SIGKILL), None),
+             (WaitGone("a", 10.0), True), (T("a", S.STOPPED), None)] + cold_start("c")
+    assert run_table(view, swap_plan(view, "c"), table)[0] == "ok"

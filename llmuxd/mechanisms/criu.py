@@ -107,6 +107,7 @@ class CriuCheckpoint:
         images = rt.extra.get("images")
         yield Phase("restore", name)
         yield Transition(name, S.RESTORING)
+        manifest = None
         try:
             manifest = yield from io("read_manifest", images)
             for _ in range(PID_WAIT_POLLS):  # the dumped tree's zombies may be reaped late
@@ -129,6 +130,13 @@ class CriuCheckpoint:
             yield Phase("health", name)
             yield from wait_healthy(view, name, timeout_of(view, name, "startup_timeout"))
         except StepFailed as exc:
+            if manifest is not None:  # a restore cut short may have left its tree behind
+                yield Io("kill_restored", (name, {"checkpoint_pid": manifest["root_pid"],
+                                                  "port": view.catalog.models[name].port}))
+                for _ in range(PID_WAIT_POLLS):
+                    if not (yield Io("busy_pids", ([manifest["root_pid"]],))):
+                        break
+                    yield Pause(0.1)
             aside = yield Io("set_aside", (images,))
             where = aside if isinstance(aside, str) else images
             error = f"{exc} (images kept in {where}); cold start instead"
