@@ -75,6 +75,7 @@ class Daemon:
         self.started = time.monotonic()
         self.is_pid1 = os.getpid() == 1
         self.pending_pidfds: dict[str, int] = {}
+        self.resume: str | None = None  # checkpointed at shutdown: restore it at the next start
         self.watcher = CatalogWatcher(self.config_path, self.reactor.wake)
         self.reactor.after_events.append(self.reconcile)
 
@@ -98,6 +99,7 @@ class Daemon:
             self._watchdog_tick()
             self.watcher.start()
             stored = store.load(d.state_dir)
+            self.resume = stored.get("resume")
             if stored.get("models"):
                 self.notifier.status("adopting models left by an earlier llmuxd")
                 self.start_job("adopt", None, adopt_plan(self, stored), on_done=self._started)
@@ -115,9 +117,13 @@ class Daemon:
         d = self.catalog.daemon
         if job is not None:
             self.save_state()
-        if d.default_model and self.active() is None and not self.shutting_down:
-            self.notifier.status(f"starting default model {d.default_model}")
-            self.start_job("swap", d.default_model, swap_plan(self, d.default_model),
+        # The model a `shutdown = "checkpoint"` put to disk comes back first; else the default.
+        resume = self.resume if self.resume in self.runtimes else None
+        self.resume = None  # once asked for, it is an ordinary swap
+        target = resume or d.default_model
+        if target and self.active() is None and not self.shutting_down:
+            self.notifier.status(f"starting {target}")
+            self.start_job("swap", target, swap_plan(self, target),
                            on_done=lambda job: self.notifier.ready(self.status_line()))
         else:
             self.notifier.ready(self.status_line())
@@ -235,8 +241,10 @@ class Daemon:
             self.save_state()
             self.exit_code = 0
             return
-        self.start_job("shutdown", None,
-                       shutdown_plan(self, hurry, checkpoint=(mode == "checkpoint" and not hurry)),
+        checkpoint = mode == "checkpoint" and not hurry
+        if checkpoint:
+            self.resume = self.active()
+        self.start_job("shutdown", None, shutdown_plan(self, hurry, checkpoint=checkpoint),
                        on_done=self._shutdown_done)
 
     def _shutdown_done(self, job: Job) -> None:
@@ -463,7 +471,8 @@ class Daemon:
                 notes.append(f"{name} changed: restart pending (applies at its next start)")
             else:
                 notes.append(f"{name} changed")
-        fixed = [k for k in ("socket", "socket_mode", "socket_group", "state_dir", "log_dir")
+        fixed = [k for k in ("socket", "socket_mode", "socket_group", "state_dir", "log_dir",
+                             "max_clients", "client_timeout")
                  if getattr(new.daemon, k) != getattr(old.daemon, k)]
         daemon = new.daemon
         if fixed:

@@ -7,7 +7,8 @@ a model in a state the operator cannot explain.
 
 Invariants:
 - at most one model is `active` (or on its way there: starting, waking, ...);
-- a model with a live process is never `stopped` or `failed`;
+- a model with a live process is never `stopped`, and `failed` only when its
+  process group survived SIGKILL (status says so);
 - `sleeping`, `suspended`, `checkpointed` remember the level they slept at.
 """
 
