@@ -137,17 +137,22 @@ def stop_plan(view: View, name: str) -> Plan:
     return f"{name} is stopped"
 
 
+def start_or_fail(view: View, name: str) -> Plan:
+    """A cold start that, when it fails, leaves no process behind: the model is `failed`."""
+    try:
+        yield from start(view, name)
+    except StepFailed as exc:
+        yield from stop(view, name, error=str(exc), final=S.FAILED)
+        raise
+
+
 def restart_plan(view: View, name: str, force: bool = False) -> Plan:
     """`llmuxctl restart NAME`: drain, stop and start the active model again (its new
     definition applies); for a model that is not active, only the stop."""
     rt = view.runtimes[name]
     if rt.state == S.ACTIVE:
         yield from evict(view, name, force, level=5)
-        try:
-            yield from start(view, name)
-        except StepFailed as exc:
-            yield from stop(view, name, error=str(exc), final=S.FAILED)
-            raise
+        yield from start_or_fail(view, name)
         return f"{name} restarted"
     yield from stop_plan(view, name)
     return f"{name} is stopped; its new definition applies at its next start"
@@ -156,11 +161,7 @@ def restart_plan(view: View, name: str, force: bool = False) -> Plan:
 def recover_plan(view: View, name: str) -> Plan:
     """Supervision: the active model crashed or went unhealthy; start it again."""
     yield from stop(view, name, hurry=True, final=S.STOPPED)
-    try:
-        yield from start(view, name)
-    except StepFailed as exc:
-        yield from stop(view, name, error=str(exc), final=S.FAILED)
-        raise
+    yield from start_or_fail(view, name)
     return f"{name} restarted"
 
 
