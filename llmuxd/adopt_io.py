@@ -14,7 +14,7 @@ import signal
 
 import psutil
 
-from . import procs
+from . import launch, procs
 from . import states as S
 from .checkpoint_io import MANIFEST, read_manifest
 
@@ -72,6 +72,11 @@ def adopt_pid(d, name: str, entry: dict) -> None:
     for key in ("argv_hash", "cuda_pids"):
         if entry.get(key) is not None:
             rt.extra[key] = entry[key]
+    spec = d.catalog.models[name]
+    now = launch.argv_hash(launch.model_argv(d.catalog.daemon, spec), spec.env_dict())
+    if entry.get("argv_hash") and entry["argv_hash"] != now:
+        # The catalog changed while llmuxd was down: say so, as a reload would.
+        rt.extra["restart_pending"] = True
     d.watch_pidfd(name, entry["pid"], pidfd, entry["start_time"])
     d.on_transition(name, S.STOPPED, S.ADOPTING)
 

@@ -36,6 +36,7 @@ def test_restarted_daemon_adopts_running_and_sleeping_models(make_daemon):
     st = d.status()["models"]
     assert (st["a"]["state"], st["a"]["pid"]) == ("active", before["a"])
     assert (st["b"]["state"], st["b"]["pid"]) == ("sleeping", before["b"])
+    assert not d.status()["models"]["a"].get("restart_pending")
     assert d.swap("b")["ok"]   # an adopted sleeping model wakes
     assert d.status()["models"]["b"]["pid"] == before["b"]
     # An adopted process is not our child: its death is seen through its pidfd.
@@ -170,3 +171,15 @@ def test_kill_at_every_step_of_a_swap_converges(make_daemon, failpoint, swaps):
 @pytest.mark.parametrize("failpoint,swaps", CRIU_STEPS, ids=[s[0] for s in CRIU_STEPS])
 def test_kill_at_every_step_of_a_checkpoint_converges(make_daemon, failpoint, swaps):
     crash_and_converge(make_daemon, failpoint, swaps, criu=True)
+
+
+def test_catalog_changed_while_daemon_was_down_shows_restart_pending(make_daemon):
+    d = make_daemon({"a": {}})
+    assert d.swap("a")["ok"]
+    pid = d.status()["models"]["a"]["pid"]
+    d.kill_daemon()
+    d.config.write_text(d.config.read_text().replace('model = "org/a"',
+                                                     'model = "org/a"\nargs = ["--max-model-len", "9"]'))
+    d.start()
+    st = d.status()["models"]["a"]
+    assert st["state"] == "active" and st["pid"] == pid and st["restart_pending"] is True
