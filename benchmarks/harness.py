@@ -16,7 +16,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmuxctl.client import request
+from tests.daemon_fixture import free_port, wait_for  # noqa: F401  (used by the row modules)
 
 REPO = Path(__file__).resolve().parent.parent
 SIM = [sys.executable, "-m", "llmuxd.sim"]
@@ -63,22 +63,7 @@ class Ctx:
 
 
 # -- small helpers ------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.01, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
+# free_port and wait_for are the test suite's own (tests/daemon_fixture.py).
 
 def toml_value(v) -> str:
     if isinstance(v, dict):

@@ -26,7 +26,6 @@ Standard library only, plain sockets and threads, so CRIU can dump it.
 import argparse
 import json
 import os
-import signal
 import socket
 import socketserver
 import sys
