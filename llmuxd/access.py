@@ -17,22 +17,22 @@ import pwd
 log = logging.getLogger(__name__)
 
 
-def resolve_group(name: str) -> int:
+def _resolve(name: str, lookup, kind: str) -> int:
+    """A user or group given by number or by name -> its id."""
     if name.isdigit():
         return int(name)
     try:
-        return grp.getgrnam(name).gr_gid
+        return lookup(name)
     except KeyError:
-        raise ValueError(f"unknown group {name!r}") from None
+        raise ValueError(f"unknown {kind} {name!r}") from None
+
+
+def resolve_group(name: str) -> int:
+    return _resolve(name, lambda n: grp.getgrnam(n).gr_gid, "group")
 
 
 def resolve_user(name: str) -> int:
-    if name.isdigit():
-        return int(name)
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        raise ValueError(f"unknown user {name!r}") from None
+    return _resolve(name, lambda n: pwd.getpwnam(n).pw_uid, "user")
 
 
 class Access:

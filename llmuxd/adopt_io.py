@@ -8,6 +8,7 @@ process whose identity does not match what the state file recorded.
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ import psutil
 
 from . import launch, procs
 from . import states as S
-from .checkpoint_io import MANIFEST, read_manifest
+from .checkpoint_io import MANIFEST, delete_images, read_manifest
 
 log = logging.getLogger(__name__)
 START_TIME_TOLERANCE = 0.05  # seconds: the same /proc field read twice agrees far better
@@ -114,11 +115,9 @@ def kill_restored(d, name: str, entry: dict) -> list[int]:
 
 def valid_images(d, name: str, entry: dict) -> dict | None:
     """The committed checkpoint of this model, if it is complete; partial dumps go."""
-    import glob
-    import shutil
     base = d.catalog.daemon.checkpoint.images_dir
     for partial in glob.glob(os.path.join(base, f"{name}.partial-*")):
-        shutil.rmtree(partial, ignore_errors=True)
+        delete_images(d, partial)
     path = entry.get("images") or os.path.join(base, name)
     if not os.path.exists(os.path.join(path, MANIFEST)):
         return None

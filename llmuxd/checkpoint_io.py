@@ -232,12 +232,7 @@ def host_facts(d) -> dict:
             "images_free_bytes": free_space(d, ck.images_dir)}
 
 
-def images_on_disk(d, name: str) -> str | None:
-    path = os.path.join(_images_dir(d), name)
-    return path if os.path.exists(os.path.join(path, MANIFEST)) else None
-
-
 OPERATIONS = {f.__name__: f for f in (
     process_tree, expected_image_size, free_space, checkpoint_mode, prepare_images,
     commit_images, read_manifest, busy_pids, adopt_restored, criu_errors, delete_images,
-    set_aside, link_remaps, forget_link_remaps, images_on_disk, host_facts, cuda_possible)}
+    set_aside, link_remaps, forget_link_remaps, host_facts, cuda_possible)}

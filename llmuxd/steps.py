@@ -12,8 +12,8 @@ import signal
 from typing import Generator, Protocol
 
 from . import states as S
-from .actions import (CheckExited, CheckPort, Http, HttpResult, Now, Pause, Phase, SignalGroup,
-                      Spawn, StepFailed, Transition, WaitGone, describe_http)
+from .actions import (CheckExited, CheckPort, Http, HttpResult, Io, IoFailed, Now, Pause, Phase,
+                      SignalGroup, Spawn, StepFailed, Transition, WaitGone, describe_http)
 
 Plan = Generator[object, object, object]
 
@@ -134,6 +134,14 @@ def stop(view: View, name: str, error: str | None = None, final: str = S.STOPPED
         yield Transition(name, S.FAILED, error=f"{name}: process group survived SIGKILL")
         raise StepFailed(f"{name}: process group survived SIGKILL")
     yield Transition(name, final, error=error)
+
+
+def io(name: str, *args) -> Plan:
+    """yield from io(...): an Io operation whose failure is a StepFailed."""
+    result = yield Io(name, args)
+    if isinstance(result, IoFailed):
+        raise StepFailed(result.reason)
+    return result
 
 
 def expect_ok(result, what: str) -> None:

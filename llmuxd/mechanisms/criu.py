@@ -17,8 +17,8 @@ for diagnosis and cold-starts the model.
 from __future__ import annotations
 
 from .. import states as S
-from ..actions import Io, IoFailed, Pause, Phase, RunTool, StepFailed, Transition, WaitGone
-from ..steps import start, stop, timeout_of, wait_healthy
+from ..actions import Io, Pause, Phase, RunTool, StepFailed, Transition, WaitGone
+from ..steps import io, start, stop, timeout_of, wait_healthy
 from .cuda_suspend import nccl, resume, suspend
 
 # Flags the seed settled on (see research/llmux-anchor.md 1.8). --network-lock
@@ -42,14 +42,6 @@ def restore_argv(ck, images: str, plugin: bool) -> tuple[str, ...]:
             ck.network_lock, "--images-dir", images, "--log-file", "restore.log", "-v4",
             "--pidfile", "restore.pid")
     return argv + (("-L", ck.cuda_plugin_dir) if plugin else ())
-
-
-def io(name: str, *args):
-    """yield from io(...): an Io operation whose failure is a StepFailed."""
-    result = yield Io(name, args)
-    if isinstance(result, IoFailed):
-        raise StepFailed(result.reason)
-    return result
 
 
 class CriuCheckpoint:

@@ -14,9 +14,9 @@ import json
 import sys
 
 from .. import states as S
-from ..actions import Http, Io, IoFailed, Phase, RunTools, StepFailed, Transition
+from ..actions import Http, Phase, RunTools, StepFailed, Transition
 from ..launch import tp_size
-from ..steps import expect_ok, timeout_of, wait_healthy
+from ..steps import expect_ok, io, timeout_of, wait_healthy
 
 LOCK_TIMEOUT_MS = 30_000  # how long the driver may wait for in-flight CUDA work at lock
 
@@ -47,9 +47,7 @@ def nccl(view, name: str, method: str, best_effort: bool = False):
 
 def find_cuda_pids(view, name: str):
     """Every process of the tree whose CUDA state the driver reports -> {pid: state}."""
-    tree = yield Io("process_tree", (name,))
-    if isinstance(tree, IoFailed):
-        raise StepFailed(f"{name}: {tree.reason}")
+    tree = yield from io("process_tree", name)
     tool = cuda_tool(view)
     results = yield RunTools(tuple(tool + ("--get-state", "--pid", str(pid)) for pid in tree),
                              tool_timeout(view), name)
