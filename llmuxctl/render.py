@@ -56,6 +56,16 @@ def progress(event: dict) -> str:
     return f"[{event.get('elapsed', 0):7.2f}s] {event.get('model', '')}: {event.get('phase', '')}"
 
 
+def _io_uring(facts: dict) -> str:
+    """How checkpointable models are kept off io_uring (CRIU cannot dump it)."""
+    host = {0: "allowed host-wide", 1: "privileged only (kernel.io_uring_disabled=1)",
+            2: "disabled host-wide (kernel.io_uring_disabled=2)"}.get(
+                facts.get("io_uring_disabled"), "kernel.io_uring_disabled absent")
+    rule = "llmux's seccomp rule blocks it for checkpointable models" \
+        if facts.get("seccomp_io_uring") else "no seccomp rule for this architecture"
+    return f"{host}; {rule}"
+
+
 def doctor(facts: dict) -> str:
     criu = facts.get("criu", {})
     cuda = facts.get("cuda_checkpoint", {})
@@ -70,6 +80,7 @@ def doctor(facts: dict) -> str:
          + f" ({cuda.get('answer')}) via {cuda.get('tool')}"),
         ("criu", f"{criu.get('version') or criu.get('error')} at {criu.get('path')}"),
         ("criu check", criu.get("check", "-")),
+        ("io_uring", _io_uring(facts)),
         ("CUDA plugin", f"{'present' if facts.get('plugin') else 'absent'} ({facts.get('plugin_path')})"),
         ("images dir", f"{facts.get('images_dir')} "
                        f"({(facts.get('images_free_bytes') or 0) / 2**30:.1f} GiB free)"),

@@ -55,10 +55,12 @@ class WaitGone:
 
 @dataclass(frozen=True)
 class RunTool:
-    """Run a helper (criu, cuda-checkpoint) to completion -> ToolResult."""
+    """Run a helper (criu, cuda-checkpoint) to completion -> ToolResult.
+    `env`: (NAME, VALUE) pairs on top of llmuxd's scrubbed environment."""
     argv: tuple[str, ...]
     timeout: float
     model: str = ""
+    env: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,15 @@ class Transition:
     state: str
     error: str | None = None
     fields: dict = field(default_factory=dict, compare=True, hash=False)
+
+
+@dataclass(frozen=True)
+class Degraded:
+    """The plan goes on, but `model` did not end where it was asked to: a sleep that
+    became a stop, a restore that became a cold start. Never reported as plain
+    success: a warning event now, `warnings` in the final reply -> None."""
+    model: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -139,6 +150,11 @@ class IoFailed:
 
 class StepFailed(Exception):
     """A step of a plan failed; the message is what the operator sees."""
+
+
+class Refused(StepFailed):
+    """A sleep that cannot work here (level 3 with no CUDA process, level 4 without a
+    working criu), found before anything changed: no escalation to a stop."""
 
 
 def describe_http(result: HttpResult | HttpError) -> str:

@@ -94,6 +94,11 @@ class ModelSpec:
     drain_timeout: float | None = None
     stop_timeout: float | None = None
     keep_images: bool = False
+    # Level 4 (and shutdown = "checkpoint"): vLLM sleep before the dump, so the image
+    # holds no KV cache. 1: sleep 1, then wake the weights (KV cache dropped, weights
+    # kept through the CUDA checkpoint); 2: sleep 2 (both dropped, reloaded from disk
+    # on wake); 0: dump the whole GPU footprint.
+    checkpoint_sleep: int = 1
     source: str = ""
 
     def env_dict(self) -> dict[str, str]:
@@ -275,7 +280,8 @@ _MODEL_KEYS: dict[str, _Conv] = {
     "sleep_level": partial(_integer, lo=1, hi=5), "args": _string_list, "env": _env,
     "cwd": _string, "startup_timeout": _duration, "drain_timeout": _duration,
     "stop_timeout": _duration,
-    "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)")}
+    "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)"),
+    "checkpoint_sleep": partial(_integer, lo=0, hi=2)}
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 

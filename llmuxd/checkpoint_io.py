@@ -14,11 +14,16 @@ import json
 import logging
 import os
 import re
+import shlex
+import signal
+import stat
+import sys
+import tempfile
 import time
 
 import psutil
 
-from . import procs
+from . import procs, seccomp
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -94,11 +99,6 @@ def prepare_images(d, name: str) -> str:
     os.makedirs(base, mode=0o700, exist_ok=True)
     for old in glob.glob(os.path.join(base, f"{name}.partial-*")):
         delete_images(d, old)
-    # Stale link_remap files that our own earlier dumps of this model left in
-    # /dev/shm (never anybody else's: only those our manifest names).
-    current = os.path.join(base, name)
-    if os.path.exists(os.path.join(current, MANIFEST)):
-        forget_link_remaps(d, read_manifest(d, current).get("link_remap", []))
     path = os.path.join(base, f"{name}.partial-{time.strftime('%Y%m%d-%H%M%S')}")
     os.mkdir(path, 0o700)
     return path
@@ -167,9 +167,13 @@ def criu_errors(d, path: str, log_name: str) -> str:
 
 
 def delete_images(d, path: str) -> None:
-    """Images can be many GB: rename them out of the way at once, delete in the background."""
+    """Images can be many GB: rename them out of the way at once, delete in the background.
+    Their stashed link_remap files go with them."""
     if not path or not os.path.exists(path):
         return
+    _drop_stash_of(path)
+    if ".partial-" in os.path.basename(path):
+        _clear_partial_link_remaps(path)
     trash = f"{path}.deleting-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
     os.rename(path, trash)
     d.run_in_background(["rm", "-rf", "--", trash])
@@ -180,12 +184,228 @@ def set_aside(d, path: str | None) -> str:
     if not path or not os.path.exists(path):
         raise ValueError("no images to keep")
     aside = f"{path}.failed-{time.strftime('%Y%m%d-%H%M%S')}"
+    _drop_stash_of(path)  # kept images are for reading, not restoring: free the tmpfs
     os.rename(path, aside)
     return aside
 
 
 def link_remaps(d) -> list[str]:
     return sorted(glob.glob(os.path.join(SHM, "link_remap.*")))
+
+
+# -- link_remap stash ---------------------------------------------------------------
+# `criu dump --link-remap` leaves /dev/shm/link_remap.N (N: a per-dump file id) for the
+# restore to find. N repeats between the dumps of two trees, so while one model is
+# checkpointed the next dump fails ("Can't link remap ... File exists"). Right after a
+# dump we move this dump's files into a private folder on the same tmpfs (rename: no
+# copy, same inode) and put them back just before this model's restore. Files are
+# known by (name, device, inode), so nothing that is not ours is ever moved or removed.
+
+def named_link_remaps(images: str) -> set[str]:
+    """The /dev/shm/link_remap.N names the images of a dump refer to. CRIU writes the
+    path as a protobuf string in files.img (reg-files.img before 4.0): a length byte,
+    then the bytes, which is how the name is told from whatever follows it."""
+    prefix = os.path.join(SHM, "link_remap.").encode()
+    names = set()
+    for img in ("files.img", "reg-files.img", "remap-fpath.img"):
+        try:
+            with open(os.path.join(images, img), "rb") as f:
+                data = f.read(64 << 20)
+        except OSError:
+            continue
+        at = data.find(prefix)
+        while at > 0:
+            length = data[at - 1]
+            path = data[at:at + length]
+            if length > len(prefix) and path[len(prefix):].isdigit():
+                names.add(os.path.basename(path.decode()))
+            at = data.find(prefix, at + 1)
+    return names
+
+
+def stash_link_remaps(d, name: str, before: list[str], images: str) -> dict | None:
+    """Move the link_remap files this dump created (named by its images, and new since
+    the dump began) into a fresh private folder."""
+    named = named_link_remaps(images)
+    new = sorted(p for p in set(link_remaps(d)) - set(before) if os.path.basename(p) in named)
+    if not new:
+        return None
+    folder = tempfile.mkdtemp(prefix=f"llmux-remap-{name}-", dir=SHM)  # 0700, O_EXCL
+    files = []
+    for path in new:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+            continue  # not a file CRIU made (a planted link or FIFO): leave it alone
+        os.rename(path, os.path.join(folder, os.path.basename(path)))
+        files.append([os.path.basename(path), st.st_dev, st.st_ino])
+    return {"dir": folder, "files": files}
+
+
+def _checked_stash(stash: dict) -> str:
+    folder = stash.get("dir") if isinstance(stash, dict) else None
+    if not isinstance(folder, str) or os.path.dirname(folder) != SHM or \
+            not os.path.basename(folder).startswith("llmux-remap-"):
+        raise ValueError(f"bad link_remap stash in the manifest: {stash!r}")
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise ValueError(f"{folder} is not llmuxd's private folder; not used")
+    return folder
+
+
+def _ours(path: str, dev: int, ino: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino)
+
+
+def unstash_link_remaps(d, stash: dict | None) -> list[str]:
+    """Hard-link the stashed files back to /dev/shm for a restore (the stash keeps its
+    copy, so a failed restore can be retried). A name taken by someone else's file
+    fails the restore: never replace a file that is not ours."""
+    if not stash:
+        return []
+    folder = _checked_stash(stash)
+    placed = []
+    try:
+        for base, dev, ino in stash["files"]:
+            src, dst = os.path.join(folder, base), os.path.join(SHM, base)
+            if not _ours(src, dev, ino):
+                raise ValueError(f"stashed {src} is missing or changed")
+            if _ours(dst, dev, ino):
+                continue  # already back (a retried restore)
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                raise ValueError(f"{dst} exists and is not this checkpoint's; restore "
+                                 "later, or remove it if no other CRIU image needs it") from None
+            placed.append(dst)
+    except BaseException:
+        for dst in placed:
+            os.unlink(dst)
+        raise
+    return placed
+
+
+def clear_link_remaps(d, stash: dict | None, drop: bool) -> None:
+    """After a restore: no link_remap file of ours stays in /dev/shm (CRIU removes
+    them on success, not always on failure); with `drop`, the stash goes too."""
+    if not stash:
+        return
+    for base, dev, ino in stash.get("files", []):
+        dst = os.path.join(SHM, base)
+        if _ours(dst, dev, ino):
+            os.unlink(dst)
+    if drop:
+        _drop_stash(stash)
+
+
+def _drop_stash(stash: dict) -> None:
+    try:
+        folder = _checked_stash(stash)
+    except (ValueError, OSError):
+        return
+    for base, dev, ino in stash.get("files", []):
+        path = os.path.join(folder, base)
+        if _ours(path, dev, ino):
+            os.unlink(path)
+    try:
+        os.rmdir(folder)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", folder, exc.strerror)
+
+
+def _clear_partial_link_remaps(images: str) -> None:
+    """A dump cut short by llmuxd's death (CRIU finished, we never stashed) left its
+    link_remap files in /dev/shm, where they would break every later dump that picks
+    the same N. Ours are those the partial images name whose link was made while that
+    dump ran: from the folder's start time (its name) to its newest file."""
+    try:
+        started = time.mktime(time.strptime(images.rsplit(".partial-", 1)[1][:15],
+                                            "%Y%m%d-%H%M%S"))
+        ended = max(os.lstat(os.path.join(images, f)).st_mtime for f in os.listdir(images))
+    except (ValueError, OSError):
+        return
+    for base in named_link_remaps(images):
+        path = os.path.join(SHM, base)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISREG(st.st_mode) and started - 1 <= st.st_ctime <= ended + 5:
+            log.info("removing %s, left by an interrupted dump (%s)", path, images)
+            os.unlink(path)
+
+
+def _drop_stash_of(images: str) -> None:
+    try:
+        with open(os.path.join(images, MANIFEST)) as f:
+            stash = json.load(f).get("link_remap_stash")
+    except (OSError, ValueError, AttributeError):
+        return
+    if stash:
+        _drop_stash(stash)
+
+
+# -- restore ------------------------------------------------------------------------
+
+def criu_known_good(d, path: str) -> bool:
+    return path in d.criu_ok
+
+
+def remember_criu_good(d, path: str) -> None:
+    """Only success is remembered: a broken criu, once fixed, works at the next try."""
+    d.criu_ok.add(path)
+
+
+def wall_clock(d) -> float:
+    """time.time(), for comparing with process start times (plans keep no clock)."""
+    return time.time()
+
+
+def kill_own_restore(d, name: str, images: str, root: int, since: float) -> list[int]:
+    """A restore that went wrong after CRIU made the tree: SIGKILL that tree, and only
+    if we can prove CRIU made it: CRIU's pidfile names it, it is our child (we are
+    the subreaper of --restore-detached), and it started after the restore began.
+    A stranger that took the dumped PID is never touched."""
+    try:
+        with open(os.path.join(images, "restore.pid")) as f:
+            named = int(f.read().strip())
+        proc = psutil.Process(root)
+        made_by_restore = (named == root and proc.ppid() == os.getpid()
+                           and proc.create_time() >= since - 1.0 and os.getpgid(root) == root)
+    except (OSError, ValueError, psutil.Error):
+        return []
+    if not made_by_restore:
+        log.warning("%s: pid %d is not the restored tree; not killed", name, root)
+        return []
+    members = procs.group_members(root)
+    procs.kill_group(root, signal.SIGKILL)
+    return members
+
+
+def plugin_tool_path(d) -> str:
+    """PATH for criu in plugin mode: first a folder holding `cuda-checkpoint`, for CRIU's
+    CUDA plugin, which runs it by that name from PATH: our helper (`auto`) or the
+    configured binary."""
+    tool = d.catalog.daemon.checkpoint.cuda_checkpoint
+    folder = os.path.join(d.catalog.daemon.state_dir, "bin")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if tool == "auto":
+        pythonpath = os.environ.get("PYTHONPATH")
+        lines = ["#!/bin/sh", "# written by llmuxd: CRIU's CUDA plugin runs cuda-checkpoint from PATH"]
+        if pythonpath:
+            lines.append(f"export PYTHONPATH={shlex.quote(pythonpath)}")
+        lines.append(f"exec {shlex.quote(sys.executable)} -m llmuxd.cuda_checkpoint \"$@\"")
+    else:
+        lines = ["#!/bin/sh", f"exec {shlex.quote(tool)} \"$@\""]
+    path = os.path.join(folder, "cuda-checkpoint")
+    with open(path + ".tmp", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.chmod(path + ".tmp", 0o755)
+    os.rename(path + ".tmp", path)
+    return f"{folder}:{os.environ.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
 
 
 def forget_link_remaps(d, paths: list[str]) -> None:
@@ -229,10 +449,14 @@ def host_facts(d) -> dict:
             "plugin": os.path.exists(os.path.join(ck.cuda_plugin_dir, "cuda_plugin.so")),
             "plugin_path": os.path.join(ck.cuda_plugin_dir, "cuda_plugin.so"),
             "images_dir": ck.images_dir,
+            "io_uring_disabled": seccomp.io_uring_disabled(),
+            "seccomp_io_uring": seccomp.supported(),
             "images_free_bytes": free_space(d, ck.images_dir)}
 
 
 OPERATIONS = {f.__name__: f for f in (
     process_tree, expected_image_size, free_space, checkpoint_mode, prepare_images,
     commit_images, read_manifest, busy_pids, adopt_restored, criu_errors, delete_images,
-    set_aside, link_remaps, forget_link_remaps, host_facts, cuda_possible)}
+    set_aside, link_remaps, forget_link_remaps, host_facts, cuda_possible, stash_link_remaps,
+    unstash_link_remaps, clear_link_remaps, wall_clock, kill_own_restore, plugin_tool_path, criu_known_good,
+    remember_criu_good)}

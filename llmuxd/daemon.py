@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from . import launch, procs, store
+from . import launch, procs, seccomp, store
 from . import states as S
 from .actions import HttpResult, describe_http
 from .access import Access
@@ -55,6 +55,7 @@ class Daemon:
         self.config_error: str | None = None
         self.runtimes: dict[str, S.Runtime] = {n: S.Runtime(n) for n in catalog.models}
         self.specs_in_use: dict[str, object] = {}
+        self.criu_ok: set[str] = set()  # criu paths whose `criu check` passed (level 4 preflight)
         self.children: dict[str, procs.Child] = {}
         self.reactor = Reactor(self._on_signal)
         self.reaper = procs.Reaper()
@@ -206,6 +207,8 @@ class Daemon:
             reply = {"ok": job.ok, "model": job.model,
                      "elapsed": round(time.monotonic() - job.started, 3), "phases": job.phases}
             reply["message" if job.ok else "error"] = job.message
+            if job.warnings:
+                reply["warnings"] = list(job.warnings)
             if isinstance(job.result, dict):
                 reply[kind] = job.result
             for waiter in job.waiters:
@@ -262,14 +265,18 @@ class Daemon:
         spec = self.catalog.models[name]
         d = self.catalog.daemon
         argv = launch.model_argv(d, spec)
-        env = launch.model_env(spec, procs.clean_env(dict(os.environ), {}))
+        checkpoint = launch.checkpointable(d, spec)
+        env = launch.model_env(spec, procs.clean_env(dict(os.environ), {}), checkpoint)
+        # io_uring cannot be dumped: a checkpointable tree starts without it.
+        no_io_uring = checkpoint and seccomp.supported()
         path = launch.log_path(d, name)
         try:
             os.makedirs(d.log_dir, exist_ok=True)
             with open(path, "a") as f:
                 f.write(f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {name}: "
                         f"{' '.join(argv)}\n")
-            child, _ = procs.spawn(argv, env=env, log_path=path, cwd=spec.cwd)
+            child, _ = procs.spawn(argv, env=env, log_path=path, cwd=spec.cwd,
+                                   no_io_uring=no_io_uring)
         except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
             return f"{argv[0]}: {getattr(exc, 'strerror', None) or exc}"
         rt = self.runtimes[name]
@@ -277,6 +284,7 @@ class Daemon:
         rt.extra.pop("stop_requested", None)
         rt.extra.pop("restart_pending", None)
         rt.extra["argv_hash"] = launch.argv_hash(argv, spec.env_dict())
+        rt.extra["io_uring_blocked"] = no_io_uring
         self.children[name] = child
         self.specs_in_use[name] = spec
         self.reaper.register(child.pid, lambda status: self.on_model_exit(name, child, status))

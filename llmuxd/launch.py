@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 
+from . import seccomp
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -27,16 +29,31 @@ def model_argv(daemon, spec) -> list[str]:
     argv = list(daemon.vllm_command) + ["serve", spec.model, "--port", str(spec.port)]
     if host_from_args(spec.args) is None:
         argv += ["--host", LOOPBACK]
-    if spec.sleep_level in (1, 2) and "--enable-sleep-mode" not in spec.args:
+    wants_sleep = spec.sleep_level in (1, 2) or (spec.sleep_level == 4 and spec.checkpoint_sleep)
+    if wants_sleep and "--enable-sleep-mode" not in spec.args:
         argv.append("--enable-sleep-mode")
     return argv + list(spec.args)
 
 
-def model_env(spec, base: dict[str, str]) -> dict[str, str]:
+def checkpoint_sleep(daemon, spec) -> int:
+    """The vLLM sleep level to enter before a CRIU dump of this model (0: none):
+    only a server started with sleep mode can drop its KV cache on request."""
+    if not spec.checkpoint_sleep or "--enable-sleep-mode" not in model_argv(daemon, spec):
+        return 0
+    return spec.checkpoint_sleep
+
+
+def checkpointable(daemon, spec) -> bool:
+    """May this model's tree be dumped by CRIU? Level 4, or any model when
+    `shutdown = "checkpoint"` (the active one is dumped at shutdown)."""
+    return spec.sleep_level == 4 or daemon.shutdown == "checkpoint"
+
+
+def model_env(spec, base: dict[str, str], checkpoint: bool | None = None) -> dict[str, str]:
     """The child's environment on top of the (already scrubbed) daemon environment."""
     env = dict(base)
     env["VLLM_SERVER_DEV_MODE"] = "1"  # the sleep endpoints exist only in dev mode
-    if spec.sleep_level == 4:
+    if spec.sleep_level == 4 if checkpoint is None else checkpoint:
         # io_uring and libuv state cannot be checkpointed by CRIU.
         env["UV_USE_IO_URING"] = "0"
         env["USE_LIBUV"] = "0"
@@ -85,7 +102,13 @@ TP_FLAGS = ("--enforce-eager", "--disable-custom-all-reduce")
 def catalog_warnings(catalog) -> list[str]:
     """Advice that does not make the catalog invalid (printed by --check, logged at load)."""
     warnings = []
+    machine = os.uname().machine
     for spec in catalog.models.values():
+        if checkpointable(catalog.daemon, spec) and not seccomp.supported(machine):
+            warnings.append(f"{spec.source}: warning: models.{spec.name}: no io_uring syscall table "
+                            f"for {machine}: it starts without the seccomp rule, and a level-4 dump "
+                            "fails if it opens an io_uring instance (sysctl "
+                            "kernel.io_uring_disabled=2 does the same host-wide)")
         tp = tp_size(spec.args)
         if tp > 1 and spec.sleep_level in (3, 4):
             missing = [f for f in TP_FLAGS if f not in spec.args]

@@ -24,6 +24,8 @@ from typing import Callable
 
 import psutil
 
+from . import seccomp
+
 log = logging.getLogger(__name__)
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -122,12 +124,27 @@ class Child:
     status: int | None = None  # wait status once reaped
 
 
+_seccomp_installer = None
+
+
+def io_uring_blocker():
+    """The prepared seccomp installer (built once: the child must not allocate much)."""
+    global _seccomp_installer
+    if _seccomp_installer is None:
+        _seccomp_installer = seccomp.Installer()
+    return _seccomp_installer
+
+
 def spawn(argv: list[str], *, env: dict[str, str], log_path: str | None = None,
           cwd: str | None = None, new_session: bool = True,
-          capture: bool = False) -> tuple[Child, int | None]:
+          capture: bool = False, no_io_uring: bool = False) -> tuple[Child, int | None]:
     """Start a child: stdin /dev/null, stdout+stderr appended to log_path (or a pipe
     when capture is set, whose read end is returned), own session and process group,
-    only fds 0-2 inherited, default signal dispositions. Raises OSError."""
+    only fds 0-2 inherited, default signal dispositions. With no_io_uring, the
+    seccomp rule of checkpointable models (see seccomp.py) is installed in the
+    child just before exec. Raises OSError (also ValueError for no_io_uring on a
+    machine without a known syscall table)."""
+    preexec = io_uring_blocker() if no_io_uring else None
     devnull = os.open(os.devnull, os.O_RDONLY)
     out_fd = read_fd = None
     try:
@@ -140,7 +157,7 @@ def spawn(argv: list[str], *, env: dict[str, str], log_path: str | None = None,
             out_fd = os.open(os.devnull, os.O_WRONLY)
         popen = subprocess.Popen(argv, stdin=devnull, stdout=out_fd, stderr=out_fd, env=env,
                                  cwd=cwd, close_fds=True, restore_signals=True,
-                                 start_new_session=new_session)
+                                 start_new_session=new_session, preexec_fn=preexec)
     except BaseException:
         if read_fd is not None:
             os.close(read_fd)

@@ -19,7 +19,8 @@ from typing import Callable
 
 from . import adopt_io, checkpoint_io, launch, procs
 from . import states as S
-from .actions import (CheckExited, CheckPort, Http, Io, IoFailed, Now, Pause, Phase, RunTool,
+from .actions import (CheckExited, CheckPort, Degraded, Http, Io, IoFailed, Now, Pause, Phase,
+                      RunTool,
                       RunTools, SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
 from .http import HttpCall
 
@@ -52,6 +53,7 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     phases: list = field(default_factory=list)   # (seconds since start, phase, model)
     phase: str | None = None
+    warnings: list = field(default_factory=list)  # Degraded texts, in order
     cancel: Callable[[], None] | None = None
     ok: bool | None = None
     message: str = ""
@@ -65,7 +67,8 @@ class Job:
 class Runner:
     def __init__(self, daemon) -> None:
         self.d = daemon
-        self.ops = {Now: self._now, Phase: self._phase, Transition: self._transition,
+        self.ops = {Now: self._now, Phase: self._phase, Degraded: self._degraded,
+                    Transition: self._transition,
                     CheckPort: self._check_port, CheckExited: self._check_exited,
                     Spawn: self._spawn, SignalGroup: self._signal, WaitGone: self._wait_gone,
                     Pause: self._pause, Http: self._http, RunTool: self._run_tool,
@@ -146,6 +149,14 @@ class Runner:
         failpoint(f"{op.name}:{op.model}", op.name)
         return None
 
+    def _degraded(self, job, op: Degraded):
+        job.warnings.append(op.text)
+        log.warning("%s: %s", op.model, op.text)
+        event = {"event": "warning", "model": op.model, "text": op.text}
+        for client in job.waiters:
+            client.send(event)
+        return None
+
     def _transition(self, job, op: Transition):
         rt = self.d.runtimes[op.model]
         before = rt.state
@@ -224,7 +235,8 @@ class Runner:
         return PENDING
 
     def _run_tool(self, job, op: RunTool):
-        cancel = self._launch_tool(op.argv, op.timeout, lambda result: self._resume(job, result))
+        cancel = self._launch_tool(op.argv, op.timeout, lambda result: self._resume(job, result),
+                                   dict(op.env))
         job.cancel = cancel
         if len(op.argv) > 1:
             failpoint(f"tool:{op.argv[1]}")  # e.g. tool:dump: killed while criu runs
@@ -254,11 +266,12 @@ class Runner:
             log.warning("%s%s failed: %s", op.name, op.args, exc)
             return IoFailed(f"{op.name}: {exc}")
 
-    def _launch_tool(self, argv, timeout: float, done: Callable[[ToolResult], None]):
+    def _launch_tool(self, argv, timeout: float, done: Callable[[ToolResult], None],
+                     env: dict[str, str] | None = None):
         """Run a helper through the one spawn function; its status comes from the reaper."""
         reactor = self.d.reactor
         try:
-            child, read_fd = procs.spawn(list(argv), env=procs.clean_env(dict(os.environ), {}),
+            child, read_fd = procs.spawn(list(argv), env=procs.clean_env(dict(os.environ), env or {}),
                                          capture=True)
         except OSError as exc:
             result = ToolResult(127, f"cannot run {argv[0]}: {exc.strerror or exc}")

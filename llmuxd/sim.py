@@ -35,7 +35,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from llmuxd import sim_engine
+from llmuxd import sim_engine, sim_host
 
 SIM_VERSION = "0.0.0+llmux.sim"
 
@@ -65,6 +65,10 @@ def parse_args(argv):
     s.add_argument("--fake-cuda-dir", default=os.environ.get("LLMUX_SIM_FAKE_CUDA_DIR") or None)
     s.add_argument("--cuda-mb", type=int, default=0)
     s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
+    # A real vLLM holds both (sim_host.py); these leave them out.
+    s.add_argument("--no-io-uring", action="store_true", help="open no io_uring instance")
+    s.add_argument("--no-loky-semaphore", action="store_true",
+                   help="create no named semaphore in /dev/shm")
     e = sub.add_parser("engine", help=argparse.SUPPRESS)  # internal: the EngineCore child
     e.add_argument("--fd", type=int, required=True)
     e.add_argument("--config", required=True)
@@ -359,6 +363,16 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(args):
     server = SimServer(args)
+    ring = None if args.no_io_uring else sim_host.open_io_uring(log)  # noqa: F841 (held open)
+    semaphore = None if args.no_loky_semaphore else sim_host.LokySemaphore(log)
+    try:
+        return _serve(server, args)
+    finally:
+        if semaphore is not None:
+            semaphore.close()
+
+
+def _serve(server, args):
     cuda_file = sim_engine.fake_cuda_path(args.fake_cuda_dir)
     sim_engine.write_fake_cuda(cuda_file)
     log(f"vLLM API server version {SIM_VERSION} (simulated), model {server.model}")

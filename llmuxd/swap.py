@@ -14,7 +14,7 @@ tests drive them with tables of (operation, result) pairs.
 from __future__ import annotations
 
 from . import states as S
-from .actions import Phase, StepFailed, Transition
+from .actions import Degraded, Phase, Refused, StepFailed, Transition
 from .mechanisms import mechanism_for
 from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
 
@@ -53,9 +53,14 @@ def put_to_sleep(view: View, name: str, level: int) -> Plan:
     mechanism = mechanism_for(level)
     try:
         yield from mechanism.sleep(view, name)
+    except Refused:
+        yield Transition(name, S.ACTIVE)  # found before anything changed: it serves on
+        raise
     except StepFailed as exc:
         if level == 5:
             raise
+        yield Degraded(name, f"{name} could not reach sleep level {level} ({exc}); "
+                             "it was stopped instead")
         yield from stop(view, name, error=f"sleep (level {level}) failed: {exc}; stopped instead")
 
 
@@ -114,7 +119,13 @@ def sleep_plan(view: View, name: str, level: int | None = None, force: bool = Fa
     level = level or spec_of(view, name).sleep_level
     if rt.state == S.ACTIVE:
         yield from evict(view, name, force, level)
-        return f"{name} is {view.runtimes[name].state}"
+        after = view.runtimes[name]
+        reached = after.asleep_level if after.state in S.ASLEEP else \
+            5 if after.state == S.STOPPED else None
+        if reached != level:  # escalated: `llmuxctl sleep --level N` must not say ok
+            raise StepFailed(f"{name} did not reach sleep level {level}: it is {after.state}"
+                             f" ({after.last_error or 'no reason recorded'})")
+        return f"{name} is {after.state}"
     if rt.state in S.ASLEEP and level == 5:
         yield from stop_plan(view, name)
         return f"{name} is stopped"

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from llmuxd import states as S
-from llmuxd.actions import (CheckExited, CheckPort, Http, HttpError, HttpResult, Pause, SignalGroup,
+from llmuxd.actions import (CheckExited, CheckPort, Degraded, Http, HttpError, HttpResult, Pause, SignalGroup,
                             Spawn, WaitGone)
 from llmuxd.steps import parse_queue_depth
 from llmuxd.swap import recover_plan, shutdown_plan, sleep_plan, stop_plan, swap_plan
@@ -100,6 +100,8 @@ def test_failed_sleep_escalates_to_stop_and_swap_goes_on():
     table = drain_idle("a") + [
         (T("a", S.GOING_TO_SLEEP), None),
         (Http("a", "POST", "/sleep?level=1", timeout=120.0), HttpResult(500, b"boom")),
+        (Degraded("a", "a could not reach sleep level 1 (a: POST /sleep?level=1 failed: HTTP 500: "
+                       "boom); it was stopped instead"), None),
     ] + stop_clean("a", error="sleep (level 1) failed") + cold_start("c")
     outcome, _, _ = run_table(view, swap_plan(view, "c"), table)
     assert outcome == "ok"
@@ -111,7 +113,8 @@ def test_sleep_that_answers_200_but_stays_awake_escalates():
     view = FakeView(CAT, {"a": S.ACTIVE})
     table = drain_idle("a") + [
         (T("a", S.GOING_TO_SLEEP), None), (Http, OK), (CheckExited("a"), None),
-        (is_sleeping("a"), AWAKE)] + stop_clean("a", error="still awake") + cold_start("c")
+        (is_sleeping("a"), AWAKE), (Degraded, None)] + stop_clean("a", error="still awake") \
+        + cold_start("c")
     assert run_table(view, swap_plan(view, "c"), table)[0] == "ok"
 
 

@@ -57,10 +57,10 @@ def test_level3_tp_order_nccl_down_then_lock_all_then_checkpoint_all_and_back():
     pids = [10, 11, 12, 13]  # API server, EngineCore, two workers
     states = [ToolResult(0, "running")] * 4
     lock = tools(view, "lock", pids, ("--timeout", "30000"))
-    sleep = [(T("t", S.SUSPENDING), None), (rpc("t", "suspend_nccl"), OK),
-             (Io("process_tree", ("t",)), pids),
+    sleep = [(Io("process_tree", ("t",)), pids),
              (RunTools(tuple(cuda_tool(view) + ("--get-state", "--pid", str(p)) for p in pids),
                        600.0, "t"), states),
+             (T("t", S.SUSPENDING), None), (rpc("t", "suspend_nccl"), OK),
              (lock, [ToolResult(0)] * 4), (tools(view, "checkpoint", pids), [ToolResult(0)] * 4),
              (T("t", S.SUSPENDED), None)]
     outcome, _, phases = run_table(view, CudaSuspend().sleep(view, "t"), sleep)
@@ -76,8 +76,8 @@ def test_level3_tp_failed_checkpoint_is_undone_and_nccl_rebuilt():
     pids = [10, 11]
     get_state = RunTools(tuple(cuda_tool(view) + ("--get-state", "--pid", str(p)) for p in pids),
                          600.0, "t")
-    table = [(T("t", S.SUSPENDING), None), (rpc("t", "suspend_nccl"), OK),
-             (Io("process_tree", ("t",)), pids), (get_state, [ToolResult(0, "running")] * 2),
+    table = [(Io("process_tree", ("t",)), pids), (get_state, [ToolResult(0, "running")] * 2),
+             (T("t", S.SUSPENDING), None), (rpc("t", "suspend_nccl"), OK),
              (tools(view, "lock", pids, ("--timeout", "30000")), [ToolResult(0)] * 2),
              (tools(view, "checkpoint", pids), [ToolResult(0), ToolResult(1, "CUDA_ERROR_X: no")]),
              # best effort: find what is where, restore the checkpointed, unlock the locked
@@ -92,8 +92,8 @@ def test_level3_tp_failed_checkpoint_is_undone_and_nccl_rebuilt():
 
 def test_tp1_model_makes_no_nccl_calls():
     view = FakeView(catalog(model("s", 8001, 3)), {"s": S.DRAINING})
-    table = [(T("s", S.SUSPENDING), None), (Io("process_tree", ("s",)), [5]),
-             (RunTools, [ToolResult(0, "running")]), (RunTools, [ToolResult(0)]),
+    table = [(Io("process_tree", ("s",)), [5]), (RunTools, [ToolResult(0, "running")]),
+             (T("s", S.SUSPENDING), None), (RunTools, [ToolResult(0)]),
              (RunTools, [ToolResult(0)]), (T("s", S.SUSPENDED), None)]
     assert run_table(view, CudaSuspend().sleep(view, "s"), table)[0] == "ok"
 

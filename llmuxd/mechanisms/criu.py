@@ -16,9 +16,13 @@ for diagnosis and cold-starts the model.
 
 from __future__ import annotations
 
+import json
+
 from .. import states as S
-from ..actions import Io, Pause, Phase, RunTool, StepFailed, Transition, WaitGone
-from ..steps import io, start, stop, timeout_of, wait_healthy
+from ..actions import (CheckExited, Degraded, Http, Io, Pause, Phase, Refused, RunTool, StepFailed,
+                       Transition, WaitGone)
+from ..launch import checkpoint_sleep
+from ..steps import expect_ok, io, is_sleeping, spec_of, start, stop, timeout_of, wait_healthy
 from .cuda_suspend import nccl, resume, suspend
 
 # Flags the seed settled on (see research/llmux-anchor.md 1.8). --network-lock
@@ -28,6 +32,66 @@ DISK_MARGIN = 1.1
 DISK_SLACK = 64 * 1024 * 1024
 REAP_TIMEOUT = 30.0
 PID_WAIT_POLLS = 50
+PREFLIGHT_TIMEOUT = 30.0
+
+
+def criu_preflight(view, name: str):
+    """Refuse level 4 before anything changes when criu cannot work here (the reason
+    `llmuxctl doctor` gives): `criu check`, once per criu path that passed."""
+    path = view.catalog.daemon.checkpoint.criu_path
+    if (yield from io("criu_known_good", path)):
+        return
+    result = yield RunTool((path, "check"), PREFLIGHT_TIMEOUT, name)
+    if not result.ok:
+        lines = [ln.strip() for ln in result.output.splitlines()
+                 if ln.strip() and "RLIMIT_NOFILE" not in ln and "kdat cache" not in ln]
+        why = lines[-1] if lines else _rc(result)
+        raise Refused(f"{name}: level 4 is unavailable: criu check failed: {why} "
+                      "(see `llmuxctl doctor`); nothing changed")
+    yield from io("remember_criu_good", path)
+
+
+def plugin_env(view):
+    """CRIU's CUDA plugin runs `cuda-checkpoint` from PATH: put ours first."""
+    return (("PATH", (yield from io("plugin_tool_path"))),)
+
+
+def drop_kv_cache(view, name: str, level: int):
+    """The weights axis: most of a vLLM's GPU memory is KV cache, which a restore need
+    not bring back. Level 1: sleep (weights to host RAM, KV cache freed), then wake the
+    weights alone, so they go through the CUDA checkpoint (fast, device to host) rather
+    than pinned host buffers (slow to restore). Level 2: weights and KV cache dropped."""
+    yield Phase(f"vllm-sleep-{level}", name)
+    timeout = view.catalog.daemon.sleep_timeout
+    expect_ok((yield Http(name, "POST", f"/sleep?level={level}", timeout=timeout)),
+              f"{name}: POST /sleep?level={level}")
+    if (yield CheckExited(name)) is not None:
+        raise StepFailed(f"{name} exited while going to sleep before its checkpoint")
+    if not (yield from is_sleeping(view, name)):
+        raise StepFailed(f"{name}: still awake after POST /sleep?level={level}")
+    if level == 1:
+        expect_ok((yield Http(name, "POST", "/wake_up?tags=weights",
+                              timeout=view.catalog.daemon.wake_timeout)),
+                  f"{name}: POST /wake_up?tags=weights")
+
+
+def restore_kv_cache(view, name: str, level: int):
+    """After restore and CUDA resume: what drop_kv_cache took away comes back. vLLM
+    serves garbage or crashes unless every tag is awake (vllm-api.md, bugs 5 and 6)."""
+    yield Phase("vllm-wake", name)
+    timeout = view.catalog.daemon.wake_timeout
+    if level == 2:
+        expect_ok((yield Http(name, "POST", "/wake_up?tags=weights", timeout=timeout)),
+                  f"{name}: POST /wake_up?tags=weights")
+        body = json.dumps({"method": "reload_weights"}).encode()
+        expect_ok((yield Http(name, "POST", "/collective_rpc", timeout=timeout, body=body)),
+                  f"{name}: reload_weights")
+    expect_ok((yield Http(name, "POST", "/wake_up?tags=kv_cache", timeout=timeout)),
+              f"{name}: POST /wake_up?tags=kv_cache")
+    expect_ok((yield Http(name, "POST", "/reset_prefix_cache", timeout=timeout)),
+              f"{name}: POST /reset_prefix_cache")
+    if (yield from is_sleeping(view, name)):
+        raise StepFailed(f"{name}: still asleep after waking its KV cache")
 
 
 def dump_argv(ck, pid: int, images: str, plugin: bool) -> tuple[str, ...]:
@@ -51,11 +115,15 @@ class CriuCheckpoint:
     def sleep(self, view, name):
         ck = view.catalog.daemon.checkpoint
         rt = view.runtimes[name]
+        yield from criu_preflight(view, name)
         yield Phase("checkpoint", name)
         yield Transition(name, S.CHECKPOINTING)
         mode = yield from io("checkpoint_mode")
         tree = yield from io("process_tree", name)
         root = tree[0]
+        pre = checkpoint_sleep(view.catalog.daemon, spec_of(view, name))
+        if pre:  # before the disk check: the KV cache leaves the tree's memory
+            yield from drop_kv_cache(view, name, pre)
         need = yield from io("expected_image_size", name, tree)
         free = yield from io("free_space", ck.images_dir)
         if free < need * DISK_MARGIN + DISK_SLACK:
@@ -73,7 +141,9 @@ class CriuCheckpoint:
         tmp = yield from io("prepare_images", name)
         yield Phase("dump", name)
         before = yield from io("link_remaps")
-        result = yield RunTool(dump_argv(ck, root, tmp, mode == "plugin"), ck.criu_timeout, name)
+        env = (yield from plugin_env(view)) if mode == "plugin" else ()
+        result = yield RunTool(dump_argv(ck, root, tmp, mode == "plugin"), ck.criu_timeout, name,
+                               env)
         if not result.ok:
             errors = yield from io("criu_errors", tmp, "dump.log")
             yield Io("delete_images", (tmp,))
@@ -84,14 +154,15 @@ class CriuCheckpoint:
         # CRIU killed the tree: wait until every process of it is reaped.
         if not (yield WaitGone(name, REAP_TIMEOUT)):
             raise StepFailed(f"{name}: processes still alive after criu dump")
-        after = yield from io("link_remaps")
+        stash = yield from io("stash_link_remaps", name, before, tmp)
         manifest = {"model": name, "argv_hash": rt.extra.get("argv_hash"), "level": 4,
                     "mode": mode, "root_pid": root, "pids": tree, "cuda_pids": cuda_pids,
-                    "link_remap": sorted(set(after) - set(before))}
+                    "checkpoint_sleep": pre, "link_remap_stash": stash}
         final = yield from io("commit_images", name, tmp, manifest)
         yield Transition(name, S.CHECKPOINTED, fields={
             "asleep_level": 4, "images": final["path"], "image_bytes": final["bytes"],
-            "criu_mode": mode, "checkpoint_pid": root, "cuda_pids": cuda_pids})
+            "criu_mode": mode, "checkpoint_pid": root, "cuda_pids": cuda_pids,
+            "checkpoint_sleep": pre})
 
     def wake(self, view, name):
         ck = view.catalog.daemon.checkpoint
@@ -99,7 +170,7 @@ class CriuCheckpoint:
         images = rt.extra.get("images")
         yield Phase("restore", name)
         yield Transition(name, S.RESTORING)
-        manifest = None
+        manifest = since = None
         try:
             manifest = yield from io("read_manifest", images)
             for _ in range(PID_WAIT_POLLS):  # the dumped tree's zombies may be reaped late
@@ -109,8 +180,12 @@ class CriuCheckpoint:
                 yield Pause(0.1)
             else:
                 raise StepFailed(f"{name}: cannot restore, PID(s) taken: {', '.join(busy)}")
-            result = yield RunTool(restore_argv(ck, images, manifest["mode"] == "plugin"),
-                                   ck.criu_timeout, name)
+            plugin = manifest["mode"] == "plugin"
+            env = (yield from plugin_env(view)) if plugin else ()
+            yield from io("unstash_link_remaps", manifest.get("link_remap_stash"))
+            since = yield from io("wall_clock")
+            result = yield RunTool(restore_argv(ck, images, plugin), ck.criu_timeout, name, env)
+            yield Io("clear_link_remaps", (manifest.get("link_remap_stash"), False))
             if not result.ok:
                 errors = yield from io("criu_errors", images, "restore.log")
                 raise StepFailed(f"{name}: criu restore failed ({_rc(result)}): {errors}")
@@ -119,12 +194,13 @@ class CriuCheckpoint:
                 yield Phase("resume", name)
                 yield from resume(view, name, manifest["cuda_pids"])
             yield from nccl(view, name, "resume_nccl")
+            if manifest.get("checkpoint_sleep"):
+                yield from restore_kv_cache(view, name, manifest["checkpoint_sleep"])
             yield Phase("health", name)
             yield from wait_healthy(view, name, timeout_of(view, name, "startup_timeout"))
         except StepFailed as exc:
-            if manifest is not None:  # a restore cut short may have left its tree behind
-                yield Io("kill_restored", (name, {"checkpoint_pid": manifest["root_pid"],
-                                                  "port": view.catalog.models[name].port}))
+            if since is not None:  # CRIU may have made the tree: only that tree goes
+                yield Io("kill_own_restore", (name, images, manifest["root_pid"], since))
                 for _ in range(PID_WAIT_POLLS):
                     if not (yield Io("busy_pids", ([manifest["root_pid"]],))):
                         break
@@ -132,13 +208,15 @@ class CriuCheckpoint:
             aside = yield Io("set_aside", (images,))
             where = aside if isinstance(aside, str) else images
             error = f"{exc} (images kept in {where}); cold start instead"
+            yield Degraded(name, f"{name} could not be restored from its checkpoint ({exc}); "
+                                 "cold start instead: its state is lost")
             yield from stop(view, name, error=error, hurry=True)
             yield from start(view, name)
             return
         yield Transition(name, S.ACTIVE, fields={"images": None})
         if not view.catalog.models[name].keep_images:
             yield Io("delete_images", (images,))
-            yield Io("forget_link_remaps", (manifest["link_remap"],))
+            yield Io("forget_link_remaps", (manifest.get("link_remap", []),))  # 0.1 manifests
 
     def discard(self, view, name):
         """stop of a checkpointed model: its images go, it is stopped."""

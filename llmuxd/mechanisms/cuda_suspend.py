@@ -14,7 +14,7 @@ import json
 import sys
 
 from .. import states as S
-from ..actions import Http, Phase, RunTools, StepFailed, Transition
+from ..actions import Http, Phase, Refused, RunTools, StepFailed, Transition
 from ..launch import tp_size
 from ..steps import expect_ok, io, timeout_of, wait_healthy
 
@@ -73,9 +73,10 @@ def cuda_action(view, name: str, pids, action: str):
         raise StepFailed(f"{name}: cuda {action} failed: {'; '.join(failures)}")
 
 
-def suspend(view, name: str):
+def suspend(view, name: str, found: dict | None = None):
     """Lock then checkpoint every CUDA process -> the pids suspended."""
-    found = yield from find_cuda_pids(view, name)
+    if found is None:
+        found = yield from find_cuda_pids(view, name)
     pids = sorted(found)
     if not pids:
         return []
@@ -112,14 +113,15 @@ class CudaSuspend:
     asleep_state = S.SUSPENDED
 
     def sleep(self, view, name):
+        found = yield from find_cuda_pids(view, name)
+        if not found:  # asked before anything changed: the model serves on
+            raise Refused(f"{name}: level 3 is impossible: no process of its tree holds CUDA "
+                          "state (nothing to suspend); nothing changed")
         yield Phase("suspend", name)
         yield Transition(name, S.SUSPENDING)
         yield from nccl(view, name, "suspend_nccl")
         try:
-            pids = yield from suspend(view, name)
-            if not pids:
-                raise StepFailed(f"{name}: no process of its tree holds CUDA state; nothing to "
-                                 "suspend")
+            pids = yield from suspend(view, name, found)
         except StepFailed:
             yield from nccl(view, name, "resume_nccl", best_effort=True)
             raise
