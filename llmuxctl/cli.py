@@ -28,7 +28,9 @@ def call(ctx: click.Context, obj: dict, timeout: float | None = 30.0, on_event=N
                     click.echo(f"llmuxctl: {reply.get('error', 'failed')}", err=True)
                     ctx.exit(EXIT_FAILED)
                 return reply
-            if on_event is not None:
+            if reply.get("event") == "warning":  # a degraded result: never silent
+                click.echo(f"llmuxctl: warning: {reply.get('text')}", err=True)
+            elif on_event is not None:
                 on_event(reply)
     except Unreachable as exc:
         click.echo(f"llmuxctl: {exc}\n(is llmuxd running? pass --socket PATH or set LLMUX_SOCKET)",
