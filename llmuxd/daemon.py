@@ -421,6 +421,12 @@ class Daemon:
             return
         if isinstance(result, HttpResult) and result.ok:
             rt.health_failures = 0
+            d = self.catalog.daemon
+            # Healthy again for as long as it takes to call it unhealthy: the error is history.
+            if rt.last_error and time.time() - (rt.last_error_at or 0) >= \
+                    d.health_interval * d.health_failures:
+                log.info("%s: healthy again; last error cleared (%s)", name, rt.last_error)
+                rt.last_error = rt.last_error_at = None
             return
         rt.health_failures += 1
         limit = self.catalog.daemon.health_failures

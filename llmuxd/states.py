@@ -90,6 +90,7 @@ class Runtime:
     start_time: float | None = None   # the process's start time: with pid, its identity
     since: float = field(default_factory=time.time)
     last_error: str | None = None
+    last_error_at: float | None = None  # wall time of last_error
     asleep_level: int | None = None   # the level it went to sleep at
     exit_reason: str | None = None    # how its main process ended, once it has
     restarts: list[float] = field(default_factory=list)  # monotonic times of recent restarts
@@ -98,7 +99,8 @@ class Runtime:
 
     def as_status(self) -> dict:
         return {"state": self.state, "pid": self.pid, "since": round(self.since, 3),
-                "last_error": self.last_error, "asleep_level": self.asleep_level,
+                "last_error": self.last_error, "last_error_at": self.last_error_at,
+                "asleep_level": self.asleep_level,
                 "restarts": len(self.restarts), **self.extra}
 
 
@@ -110,7 +112,7 @@ def advance(rt: Runtime, state: str, error: str | None = None, **fields) -> None
         rt.since = time.time()
     rt.state = state
     if error is not None:
-        rt.last_error = error
+        rt.last_error, rt.last_error_at = error, time.time()
     if state == ACTIVE:
         rt.health_failures = 0
     if state not in ASLEEP:

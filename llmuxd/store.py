@@ -17,7 +17,7 @@ import tempfile
 
 log = logging.getLogger(__name__)
 VERSION = 1
-FIELDS = ("state", "pid", "pgid", "start_time", "asleep_level", "last_error")
+FIELDS = ("state", "pid", "pgid", "start_time", "asleep_level", "last_error", "last_error_at")
 EXTRA_FIELDS = ("images", "image_bytes", "criu_mode", "checkpoint_pid", "cuda_pids", "argv_hash")
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,18 @@ def test_restore_failure_never_kills_a_process_the_restore_did_not_make(tmp_path
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def test_last_error_has_its_time_and_clears_once_healthy_again(make_daemon, tmp_path):
+    wrapper = tmp_path / "criu-failing-dump"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = dump ]; then exit 1; fi\nexit 0\n')
+    wrapper.chmod(0o755)
+    d = make_daemon({"a": {"sleep_level": 4}, "b": {}}, {"checkpoint": {"criu_path": str(wrapper)},
+                                                         "health_failures": 2})
+    assert d.swap("a")["ok"] and d.swap("b")["ok"]
+    a = d.status()["models"]["a"]
+    assert "criu dump failed" in a["last_error"] and abs(a["last_error_at"] - time.time()) < 30
+    assert d.swap("a")["ok"]  # a cold start; the error stays until it has been healthy a while
+    assert d.status()["models"]["a"]["last_error"]
+    wait_for(lambda: d.status()["models"]["a"]["last_error"] is None, timeout=15,
+             what="last_error cleared by health checks")
