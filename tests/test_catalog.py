@@ -481,7 +481,7 @@ aliases = ["gpt-4o", "Qwen/Qwen3"]"""))
 
 
 @pytest.mark.parametrize("line, message", [
-    ('listen = "8000"', 'line 5: daemon.front.listen: expected "HOST:PORT"'),
+    ('listen = "8000"', 'line 6: daemon.front.listen: expected "HOST:PORT"'),
     ('listen = "127.0.0.1:70000"', "line 6: daemon.front.listen: port must be between 1 and 65535"),
     ('listen = "127.0.0.1:8001"', "line 6: daemon.front.listen: port 8001 is also the port of "
                                   "model 'qwen'"),
