@@ -510,7 +510,7 @@ aliases = ["shared"]
 """
     problems = problems_of(tmp_path, text)
     f = tmp_path / "llmux.toml"
-    assert f"{f}:13: models.other.aliases: 'shared' is already an alias of model 'qwen' " \
-           f"(at {f}:8)" in problems
-    assert f"{f}:8: models.qwen.aliases: 'other' is the name of model 'other'" in problems
+    assert f"{f}:14: models.other.aliases: 'shared' is already an alias of model 'qwen' " \
+           f"(at {f}:9)" in problems
+    assert f"{f}:9: models.qwen.aliases: 'other' is the name of model 'other'" in problems
     assert len(problems) == 2
