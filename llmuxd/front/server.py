@@ -52,6 +52,7 @@ class Conn:
         self.stash = bytearray()          # read while a request is being answered
         self.closed = False
         self.close_when_flushed = False
+        self._corked = False
         self.on_drained: Callable[[], None] | None = None
         self.task = None                  # the front's handle for the request in progress
 
@@ -96,6 +97,11 @@ class Conn:
                 return
             if isinstance(event, h11.Request):
                 self.request, self.body = event, bytearray()
+                # h11 bounds only an incomplete head; one that arrived whole is checked here.
+                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) \
+                        > MAX_HEADERS:
+                    self._refuse(431, f"the request head is over {MAX_HEADERS} bytes")
+                    return
                 length = dict(event.headers).get(b"content-length")
                 if length is not None and int(length) > MAX_BODY:
                     self._refuse(413, f"the body is over {MAX_BODY} bytes")
@@ -127,9 +133,11 @@ class Conn:
         headers = list(reply.headers) + [("Content-Length", str(len(reply.body)))]
         if closing:
             headers.append(("Connection", "close"))
+        self._corked = True  # head and body in one send
         self.start_response(reply.status, headers)
         if self.request is None or self.request.method != b"HEAD":
             self.send_data(reply.body)
+        self._corked = False
         self.end_response()
 
     def reply_error(self, status: int, message: str, retry_after: float | None = None) -> None:
@@ -155,6 +163,8 @@ class Conn:
             return
         self.task = None
         self._write(self.h11.send(h11.EndOfMessage()))
+        if self.out and not self.closed:
+            self._flush()
         if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
             self.close_when_flushed = True  # h11 knows when keep-alive is over
             self._flush()
@@ -177,7 +187,7 @@ class Conn:
     def _write(self, data: bytes) -> None:
         if self.closed or data is None:
             return
-        if not self.out:  # the common case: straight to the socket, no copy
+        if not self.out and not self._corked:  # the common case: straight out, no copy
             try:
                 sent = self.sock.send(data)
             except (BlockingIOError, InterruptedError):
