@@ -247,8 +247,13 @@ class FrontServer:
         self.conns: set[Conn] = set()
         self.sock: socket.socket | None = None
         self._sweeping = False
-        self.upstream_idle = 600.0     # set by the front: no byte from vLLM this long
-        self.answer_limit = 3600.0     # one answer, first byte to last
+        # Limits as attributes, so an in-process test can shorten them.
+        self.request_timeout = REQUEST_TIMEOUT
+        self.keepalive_timeout = KEEPALIVE_TIMEOUT
+        self.send_stall = SEND_STALL
+        self.upstream_idle = 600.0     # no byte from vLLM this long: the answer fails
+        self.answer_limit = 3600.0     # one answer, request complete to last byte
+        self.sweep = SWEEP
 
     def start(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
@@ -281,18 +286,19 @@ class FrontServer:
             self.reactor.add_reader(sock, conn.on_readable)
             if not self._sweeping:
                 self._sweeping = True
-                self.reactor.call_later(SWEEP, self._sweep)
+                self.reactor.call_later(self.sweep, self._sweep)
 
     def _sweep(self) -> None:
         now = time.monotonic()
         for conn in list(self.conns):
             age = now - conn.since
-            if conn.phase == IDLE and age > KEEPALIVE_TIMEOUT:
+            if conn.phase == IDLE and age > self.keepalive_timeout:
                 conn.close()
-            elif conn.phase == READING and age > REQUEST_TIMEOUT:
-                log.warning("front: %r: request not complete within %gs", conn, REQUEST_TIMEOUT)
-                conn._refuse(408, f"the request did not arrive within {REQUEST_TIMEOUT:g}s")
-            elif conn.out and now - conn.last_sent > SEND_STALL:
+            elif conn.phase == READING and age > self.request_timeout:
+                log.warning("front: %r: request not complete within %gs", conn,
+                            self.request_timeout)
+                conn._refuse(408, f"the request did not arrive within {self.request_timeout:g}s")
+            elif conn.out and now - conn.last_sent > self.send_stall:
                 log.warning("front: %r reads nothing of its answer: closed", conn)
                 conn.close()
             elif conn.phase == ANSWERING or conn.phase == WAITING and conn.task is not None:
@@ -304,7 +310,7 @@ class FrontServer:
                 elif age > self.answer_limit:
                     upstream.timed_out(f"answer still running after {self.answer_limit:g}s")
         if self.conns:
-            self.reactor.call_later(SWEEP, self._sweep)
+            self.reactor.call_later(self.sweep, self._sweep)
         else:
             self._sweeping = False
 
