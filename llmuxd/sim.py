@@ -118,6 +118,7 @@ def openai_error(status, message, kind):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as uvicorn: head and body must not wait for an ACK
     timeout = 60  # an idle keep-alive connection must not pin a thread forever
 
     ROUTES = {  # path: (method, handler suffix, needs VLLM_SERVER_DEV_MODE)
