@@ -311,3 +311,21 @@ def test_warns_when_listening_beyond_loopback_without_keys(make_daemon):
     d.front = port
     assert call(d, "GET", "/health")[0] == 200
     assert "WITHOUT api_keys" in d.daemon_log()
+
+
+def test_shutdown_answers_waiters_and_lets_streams_finish(make_daemon):
+    d = front_daemon(make_daemon, {"a": {"args": ["--token-delay", "0.2"]},
+                                   "b": {"args": ["--start-delay", "5"]}},
+                     default_model="a", drain_timeout=10)
+    wait_for(lambda: d.status()["active"] == "a", what="a active")
+    results = {}
+    stream = threading.Thread(target=lambda: results.update(a=complete(d, "a", max_tokens=8)))
+    waiter = threading.Thread(target=lambda: results.update(b=complete(d, "b")))
+    stream.start()
+    wait_for(lambda: d.status()["models"]["a"]["in_flight"] == 1, what="a in flight")
+    waiter.start()
+    wait_for(lambda: d.status()["front"]["queued"].get("b") or d.status()["job"], what="b waits")
+    assert d.stop() == 0
+    stream.join(10), waiter.join(10)
+    assert results["a"][0] == 200 and len(results["a"][2]["choices"][0]["text"]) > 0
+    assert results["b"][0] == 503 and "shutting down" in results["b"][2]["error"]["message"]
