@@ -127,6 +127,9 @@ def test_slowloris_gets_408_and_is_closed(loop):
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
         reply = read_all(s)
     assert reply.startswith(b"HTTP/1.1 408 ") and time.monotonic() - started < 2
+    deadline = time.monotonic() + 2  # the loop thread may still be inside close()
+    while server.conns and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert not server.conns
 
 

@@ -229,9 +229,9 @@ class Conn:
         if self.closed:
             return
         self.closed = True
+        self.server.conns.discard(self)
         self.server.reactor.forget(self.sock)
         self.sock.close()
-        self.server.conns.discard(self)
         task, self.task = self.task, None
         if task is not None:
             self.server.on_abandon(task)  # out of the queue, or its upstream closed
