@@ -20,11 +20,12 @@ import traceback
 import uuid
 from pathlib import Path
 
-from . import (control_plane, criu_overhead, idle, reaping, reload, report, scale, swap_overhead,
-               timeline)
+from . import (control_plane, criu_overhead, front, idle, reaping, reload, report, scale,
+               swap_overhead, timeline)
 from .harness import Ctx, kill_marked, reap_children
 
-GROUPS = [swap_overhead, criu_overhead, reaping, idle, control_plane, reload, scale, timeline]
+GROUPS = [swap_overhead, criu_overhead, reaping, idle, control_plane, reload, scale, front,
+          timeline]
 HERE = Path(__file__).resolve().parent
 
 

@@ -80,6 +80,14 @@ class Io:
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """Requests the front has sent to the model and not yet seen answered -> int
+    (0 without a front). Exact for traffic through the front, so a drain need not
+    guess from /metrics, which lags a request that was sent but not yet counted."""
+    model: str
+
+
+@dataclass(frozen=True)
 class Pause:
     """Let time pass (a poll interval) -> None."""
     seconds: float

@@ -54,6 +54,18 @@ class AccessSettings:
 
 
 @dataclass(frozen=True)
+class FrontSettings:
+    """[daemon.front]: the OpenAI-compatible endpoint (llmuxd/front/). No listen, no front."""
+    listen: str = ""                       # "HOST:PORT" as written; "" = no front
+    api_keys: tuple[str, ...] = ()         # bearer tokens; empty = no authentication
+    queue_timeout: float = 600.0           # how long a request may wait for its model
+    min_active: float = 0.0                # on-demand swaps away only after this long active
+    max_queue: int = 1024                  # waiting requests (all models); more get 429
+    host: str = ""                         # listen, split (IPv6 without brackets)
+    port: int = 0
+
+
+@dataclass(frozen=True)
 class DaemonSettings:
     socket: str = "/run/llmux/llmux.sock"
     socket_mode: int = 0o660
@@ -79,6 +91,7 @@ class DaemonSettings:
                                            # line must be complete within min(10 s, this)
     checkpoint: CheckpointSettings = CheckpointSettings()
     access: AccessSettings = AccessSettings()
+    front: FrontSettings = FrontSettings()
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ class ModelSpec:
     drain_timeout: float | None = None
     stop_timeout: float | None = None
     keep_images: bool = False
+    aliases: tuple[str, ...] = ()          # other names the front routes to this model
     # Level 4 (and shutdown = "checkpoint"): vLLM sleep before the dump, so the image
     # holds no KV cache. 1: sleep 1, then wake the weights (KV cache dropped, weights
     # kept through the CUDA checkpoint); 2: sleep 2 (both dropped, reloaded from disk
@@ -232,6 +246,50 @@ def _principals(value: Any, where: str) -> tuple[str, ...]:
 _ACCESS_KEYS = {"users": _principals, "groups": _principals}
 
 
+def _listen(value: Any, where: str) -> str:
+    """ "HOST:PORT" ("[::1]:8000" for IPv6); "" means no front. Checked here, split later."""
+    text = _string(value, where, nonempty=False).strip()
+    if text:
+        _split_listen(text, where)
+    return text
+
+
+def _split_listen(text: str, where: str = "") -> tuple[str, int]:
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", text)
+    if m is None:
+        raise ValueError(f'{where}: expected "HOST:PORT" (e.g. "127.0.0.1:8000" or '
+                         f'"[::1]:8000"), got {text!r}')
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    if not 1 <= int(port) <= 65535:
+        raise ValueError(f"{where}: port must be between 1 and 65535, got {port}")
+    return host, int(port)
+
+
+def _api_keys(value: Any, where: str) -> tuple[str, ...]:
+    keys = _string_list(value, where)
+    for i, key in enumerate(keys):
+        # A key is compared byte for byte with what follows "Bearer ": no room for blanks.
+        if not key or not key.isprintable() or any(c.isspace() for c in key):
+            raise ValueError(f"{where}[{i}]: an API key must be non-empty printable text "
+                             "without spaces")
+    return keys
+
+
+_FRONT_KEYS: dict[str, Callable[[Any, str], Any]] = {
+    "listen": _listen, "api_keys": _api_keys, "queue_timeout": lambda v, w: parse_duration(v, w),
+    "min_active": lambda v, w: parse_duration(v, w),
+    "max_queue": lambda v, w: _integer(v, w, lo=1, hi=1_000_000)}
+
+
+def _aliases(value: Any, where: str) -> tuple[str, ...]:
+    names = _string_list(value, where)
+    for i, name in enumerate(names):
+        if not name.strip() or len(name) > 256 or not name.isprintable() or " " in name:
+            raise ValueError(f"{where}[{i}]: an alias must be non-empty printable text without "
+                             "spaces, at most 256 characters")
+    return names
+
+
 def _string_list(value: Any, where: str) -> tuple[str, ...]:
     _expect(value, where, (list,), "an array of strings")
     for i, item in enumerate(value):
@@ -271,7 +329,7 @@ _DAEMON_KEYS: dict[str, _Conv | None] = {
     "wake_timeout": _duration, "health_interval": _positive,
     "health_failures": partial(_integer, lo=1), "restart_limit": _integer,
     "restart_window": _duration, "restart_backoff": _duration, "checkpoint": None,
-    "access": None, "socket_group": lambda v, where: _principal(v, where),
+    "access": None, "front": None, "socket_group": lambda v, where: _principal(v, where),
     "max_clients": partial(_integer, lo=1, hi=100_000), "client_timeout": _positive,
     "shutdown": lambda v, where: _choice(v, where, ("stop", "checkpoint", "keep")),
 }
@@ -279,7 +337,7 @@ _MODEL_KEYS: dict[str, _Conv] = {
     "model": _string, "port": partial(_integer, lo=1, hi=65535),
     "sleep_level": partial(_integer, lo=1, hi=5), "args": _string_list, "env": _env,
     "cwd": _string, "startup_timeout": _duration, "drain_timeout": _duration,
-    "stop_timeout": _duration,
+    "stop_timeout": _duration, "aliases": _aliases,
     "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)"),
     "checkpoint_sleep": partial(_integer, lo=0, hi=2)}
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -489,11 +547,30 @@ def _daemon(f: _File, plain: dict, doc: Any, base: str) -> DaemonSettings:
     values["checkpoint"] = CheckpointSettings(**ck)
     access_table = f.section(table.get("access", {}), ("daemon", "access"), _ACCESS_KEYS)
     values["access"] = AccessSettings(**f.convert(access_table, ("daemon", "access"), _ACCESS_KEYS))
+    front_table = f.section(table.get("front", {}), ("daemon", "front"), _FRONT_KEYS)
+    front = f.convert(front_table, ("daemon", "front"), _FRONT_KEYS)
+    if front.get("listen"):
+        front["host"], front["port"] = _split_listen(front["listen"])
+    values["front"] = FrontSettings(**front)
     return DaemonSettings(**values)
 
 
+def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec],
+                 aliases: dict[str, tuple[str, str]], problems: list[str]) -> None:
+    """The names the front routes by are unique, and its port is no model's."""
+    for alias, (owner, line) in aliases.items():
+        if alias in models:
+            problems.append(f"{line}: models.{owner}.aliases: {alias!r} is the name of model "
+                            f"'{alias}'")
+    for spec in models.values():
+        if daemon.front.port and spec.port == daemon.front.port:
+            problems.append(f"{where}: daemon.front.listen: port {spec.port} is also the port "
+                            f"of model '{spec.name}'")
+
+
 def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
-            ports: dict[int, tuple[str, str]], models: dict[str, ModelSpec]) -> None:
+            ports: dict[int, tuple[str, str]], models: dict[str, ModelSpec],
+            aliases: dict[str, tuple[str, str]]) -> None:
     table = plain.get("models", {})
     if not isinstance(table, dict):
         f.error(("models",), f"models: expected a table, got {_type_name(table)}")
@@ -526,6 +603,12 @@ def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
             continue  # problems already recorded
         if values.get("cwd"):
             values["cwd"] = _resolve(base, values["cwd"])
+        for alias in values.get("aliases", ()):
+            line = f.where(path + ("aliases",))
+            if alias in aliases and aliases[alias][0] != name:
+                f.error(path + ("aliases",), f"{where}.aliases: {alias!r} is already an alias of "
+                        f"model '{aliases[alias][0]}' (at {aliases[alias][1]})")
+            aliases.setdefault(alias, (name, line))
         models[name] = ModelSpec(name=name, source=f.where(path), **values)
 
 
@@ -545,6 +628,7 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
     seen: dict[str, str] = {}
     ports: dict[int, tuple[str, str]] = {}
     models: dict[str, ModelSpec] = {}
+    aliases: dict[str, tuple[str, str]] = {}  # alias -> (model, FILE:LINE)
     daemon = DaemonSettings()
     main_file = None
     for name in files:
@@ -562,11 +646,13 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
                 if key != "models":
                     f.error((key,), f"{_dotted((key,))}: a drop-in may only define "
                                     "[models.NAME] tables")
-        _models(f, plain, base, seen, ports, models)
+        _models(f, plain, base, seen, ports, models, aliases)
     if daemon.default_model is not None and daemon.default_model not in seen:
         where = main_file.where(("daemon", "default_model")) if main_file else f"{main}:0"
         problems.append(f"{where}: daemon.default_model: no model named "
                         f"'{daemon.default_model}' is defined")
+    _check_front(main_file.where(("daemon", "front", "listen")) if main_file else f"{main}:0",
+                 daemon, models, aliases, problems)
     if problems:
         return None, problems
     return Catalog(path=main, files=tuple(files), daemon=daemon, models=models), []

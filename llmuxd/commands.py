@@ -86,11 +86,14 @@ class Commands:
             spec = d.spec_in_use(name)
             models[name] = {**rt.as_status(), "model": spec.model, "port": spec.port,
                             "sleep_level": spec.sleep_level}
+            if d.front is not None:
+                models[name]["in_flight"] = d.front.in_flight(name)
         job = None
         if d.job is not None:
             job = {"kind": d.job.kind, "model": d.job.model, "phase": d.job.phase,
                    "elapsed": round(time.monotonic() - d.job.started, 3)}
-        return {"active": d.active(), "models": models, "job": job,
+        front = d.front.status() if d.front is not None else None
+        return {"active": d.active(), "models": models, "job": job, "front": front,
                 "config": {"path": d.config_path, "error": d.config_error},
                 "daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime": round(time.monotonic() - d.started, 3),

@@ -23,6 +23,7 @@ from .access import Access
 from .catalog import Catalog, CatalogError, load_catalog
 from .commands import Commands
 from .control import ControlServer
+from .front import Front
 from .http import HttpCall
 from .loop import Reactor
 from .notify import Notifier
@@ -68,6 +69,7 @@ class Daemon:
                                      max_clients=catalog.daemon.max_clients,
                                      idle_timeout=catalog.daemon.client_timeout)
         self.control.on_close.append(self.commands.forget_client)
+        self.front = Front(self) if catalog.daemon.front.listen else None
         self.job: Job | None = None
         self.shutting_down = False
         self.hurry = False
@@ -93,6 +95,8 @@ class Daemon:
         self.reactor.install_signals()
         try:
             self.control.start()
+            if self.front is not None:
+                self.front.start()
             log.info("llmuxd %d listening on %s with %d model(s)", os.getpid(), d.socket,
                      len(self.catalog.models))
             self._periodic_reap()
@@ -111,6 +115,8 @@ class Daemon:
             return self.exit_code
         finally:
             self.watcher.stop()
+            if self.front is not None:
+                self.front.close()
             self.control.close()
             self.reactor.close()
 
@@ -236,6 +242,8 @@ class Daemon:
         self.killed_any = False  # the exit status speaks of this shutdown only
         mode = self.catalog.daemon.shutdown
         self.notifier.stopping()
+        if self.front is not None:
+            self.front.shutdown()
         if self.job is not None:
             self.runner.abort(self.job, "cancelled: llmuxd is shutting down")
         if mode == "keep" and not hurry:
@@ -401,6 +409,8 @@ class Daemon:
         """Hook for every state change (the state file and notifications attach here)."""
         if after not in UNPERSISTED:
             self.save_state()
+        if self.front is not None:
+            self.front.on_transition(name, after)
         if after == S.ACTIVE:
             self.notifier.status(f"active: {name}")
 
@@ -489,9 +499,15 @@ class Daemon:
                              "max_clients", "client_timeout")
                  if getattr(new.daemon, k) != getattr(old.daemon, k)]
         daemon = new.daemon
+        if new.daemon.front.listen != old.daemon.front.listen:
+            fixed.append("front.listen")
+            daemon = dataclasses.replace(daemon, front=dataclasses.replace(
+                new.daemon.front, listen=old.daemon.front.listen, host=old.daemon.front.host,
+                port=old.daemon.front.port))
         if fixed:
             notes.append(f"not applied until llmuxd restarts: daemon.{', daemon.'.join(fixed)}")
-            daemon = dataclasses.replace(daemon, **{k: getattr(old.daemon, k) for k in fixed})
+            daemon = dataclasses.replace(daemon, **{k: getattr(old.daemon, k) for k in fixed
+                                                    if "." not in k})
         self.catalog = dataclasses.replace(new, daemon=daemon, models=models)
         self.access = Access(daemon, strict=False)
         for note in notes:

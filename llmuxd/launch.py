@@ -2,7 +2,9 @@
 
 argv = vllm_command + ["serve", model, "--port", port] + ["--host", "127.0.0.1"]
 (unless args name --host: vLLM's sleep and RPC endpoints are unauthenticated)
-+ ["--enable-sleep-mode"] (levels 1 and 2) + args.
++ ["--enable-sleep-mode"] (levels 1 and 2)
++ ["--served-model-name", name, *aliases] (unless args set it: the name a client of
+the front sends is then the name vLLM answers to) + args.
 """
 
 from __future__ import annotations
@@ -25,6 +27,21 @@ def host_from_args(args) -> str | None:
     return None
 
 
+def served_names(args) -> list[str] | None:
+    """The names of --served-model-name in args (nargs="+", as vLLM), or None."""
+    for i, arg in enumerate(args):
+        if arg.startswith("--served-model-name="):
+            return [arg.split("=", 1)[1]]
+        if arg == "--served-model-name":
+            names = []
+            for value in args[i + 1:]:
+                if value.startswith("-"):
+                    break
+                names.append(value)
+            return names
+    return None
+
+
 def model_argv(daemon, spec) -> list[str]:
     argv = list(daemon.vllm_command) + ["serve", spec.model, "--port", str(spec.port)]
     if host_from_args(spec.args) is None:
@@ -32,6 +49,8 @@ def model_argv(daemon, spec) -> list[str]:
     wants_sleep = spec.sleep_level in (1, 2) or (spec.sleep_level == 4 and spec.checkpoint_sleep)
     if wants_sleep and "--enable-sleep-mode" not in spec.args:
         argv.append("--enable-sleep-mode")
+    if served_names(spec.args) is None:
+        argv += ["--served-model-name", spec.name, *spec.aliases]
     return argv + list(spec.args)
 
 

@@ -19,9 +19,9 @@ from typing import Callable
 
 from . import adopt_io, checkpoint_io, launch, procs
 from . import states as S
-from .actions import (CheckExited, CheckPort, Degraded, Http, Io, IoFailed, Now, Pause, Phase,
-                      RunTool,
-                      RunTools, SignalGroup, Spawn, StepFailed, ToolResult, Transition, WaitGone)
+from .actions import (CheckExited, CheckPort, Degraded, Http, InFlight, Io, IoFailed, Now, Pause,
+                      Phase, RunTool, RunTools, SignalGroup, Spawn, StepFailed, ToolResult,
+                      Transition, WaitGone)
 from .http import HttpCall
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class Runner:
                     CheckPort: self._check_port, CheckExited: self._check_exited,
                     Spawn: self._spawn, SignalGroup: self._signal, WaitGone: self._wait_gone,
                     Pause: self._pause, Http: self._http, RunTool: self._run_tool,
-                    RunTools: self._run_tools, Io: self._io}
+                    RunTools: self._run_tools, Io: self._io, InFlight: self._in_flight}
 
     # -- driving ---------------------------------------------------------------
     def start(self, job: Job) -> None:
@@ -175,6 +175,9 @@ class Runner:
     def _check_port(self, job, op: CheckPort):
         spec = self.d.catalog.models[op.model]
         return procs.port_holder(launch.connect_host(spec), spec.port)
+
+    def _in_flight(self, job, op: InFlight):
+        return self.d.front.in_flight(op.model) if self.d.front is not None else 0
 
     def _check_exited(self, job, op: CheckExited):
         rt = self.d.runtimes[op.model]

@@ -89,7 +89,8 @@ class SimServer(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         super().__init__((host, args.port), Handler, bind_and_activate=False)
         self.args = args
-        self.model = (args.served_model_name or [args.model or args.model_tag])[0]
+        self.names = args.served_model_name or [args.model or args.model_tag]
+        self.model = self.names[0]
         self.dev_mode = bool(int(os.environ.get("VLLM_SERVER_DEV_MODE", "0")))
         self.fail = {"sleep": args.fail_sleep, "wake": args.fail_wake, "health": False}
         self.in_flight = 0
@@ -121,6 +122,7 @@ def openai_error(status, message, kind):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # as uvicorn: head and body must not wait for an ACK
     timeout = 60  # an idle keep-alive connection must not pin a thread forever
 
     ROUTES = {  # path: (method, handler suffix, needs VLLM_SERVER_DEV_MODE)
@@ -223,7 +225,7 @@ class Handler(BaseHTTPRequestHandler):
         except (ValueError, AssertionError):
             return self.send_json(400, openai_error(400, "body must be a JSON object", "BadRequestError"))
         model = req.get("model") or srv.model
-        if model != srv.model:
+        if model not in srv.names:  # vLLM answers to every --served-model-name
             return self.send_json(404, openai_error(404, f"The model `{model}` does not exist.",
                                                     "NotFoundError"))
         prompt = req.get("prompt")

@@ -12,8 +12,8 @@ import signal
 from typing import Generator, Protocol
 
 from . import states as S
-from .actions import (CheckExited, CheckPort, Http, HttpResult, Io, IoFailed, Now, Pause, Phase,
-                      SignalGroup, Spawn, StepFailed, Transition, WaitGone, describe_http)
+from .actions import (CheckExited, CheckPort, Http, HttpResult, InFlight, Io, IoFailed, Now, Pause,
+                      Phase, SignalGroup, Spawn, StepFailed, Transition, WaitGone, describe_http)
 
 Plan = Generator[object, object, object]
 
@@ -62,6 +62,14 @@ def drain(view: View, name: str) -> Plan:
     timeout = timeout_of(view, name, "drain_timeout")
     deadline = (yield Now()) + timeout
     depth: int | None = None
+    if view.catalog.daemon.front.listen:
+        # The front's own count first: it knows of requests vLLM has not counted yet.
+        while (depth := (yield InFlight(name))) > 0:
+            if (yield CheckExited(name)) is not None:
+                return True, "exited"
+            if (yield Now()) >= deadline:
+                return False, depth
+            yield Pause(DRAIN_POLL)
     while True:
         if (yield CheckExited(name)) is not None:
             return True, "exited"

@@ -14,7 +14,7 @@ tests drive them with tables of (operation, result) pairs.
 from __future__ import annotations
 
 from . import states as S
-from .actions import Degraded, Phase, Refused, StepFailed, Transition
+from .actions import Degraded, InFlight, Now, Pause, Phase, Refused, StepFailed, Transition
 from .mechanisms import mechanism_for
 from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
 
@@ -176,12 +176,28 @@ def recover_plan(view: View, name: str) -> Plan:
     return f"{name} restarted"
 
 
+def let_streams_finish(view: View, names: list[str]) -> Plan:
+    """Shutdown: what the front sent the active models may finish, up to drain_timeout
+    (the front takes no new requests by now)."""
+    deadline = None
+    for name in names:
+        deadline = deadline or (yield Now()) + timeout_of(view, name, "drain_timeout")
+        if (yield InFlight(name)):
+            yield Phase("drain", name)
+        while (yield InFlight(name)) and (yield Now()) < deadline:
+            yield Pause(0.1)
+
+
 def shutdown_plan(view: View, hurry: bool = False, checkpoint: bool = False) -> Plan:
     """Stop every model that has a process; `hurry` skips the TERM grace. With
     `checkpoint`, the active model is first checkpointed (level 4), so the next
     llmuxd restores it instead of cold-starting it."""
     failures = []
     active = [n for n, rt in view.runtimes.items() if rt.state == S.ACTIVE]
+    if view.catalog.daemon.front.listen and not hurry:
+        # A swap cancelled by the shutdown may have left its model draining.
+        yield from let_streams_finish(view, [n for n, rt in view.runtimes.items()
+                                             if rt.state in (S.ACTIVE, S.DRAINING)])
     if checkpoint and active:
         try:
             yield from evict(view, active[0], force=True, level=4)

@@ -448,10 +448,69 @@ def test_sample_catalog_documents_every_key():
     import dataclasses
     from pathlib import Path
 
-    from llmuxd.catalog import AccessSettings, CheckpointSettings, DaemonSettings, ModelSpec
+    from llmuxd.catalog import (AccessSettings, CheckpointSettings, DaemonSettings, FrontSettings,
+                                ModelSpec)
     text = (Path(__file__).parent.parent / "etc" / "llmux.toml").read_text()
-    for cls in (DaemonSettings, CheckpointSettings, AccessSettings, ModelSpec):
+    for cls in (DaemonSettings, CheckpointSettings, AccessSettings, FrontSettings, ModelSpec):
         for f in dataclasses.fields(cls):
-            if f.name in ("checkpoint", "access", "name", "source"):
+            if f.name in ("checkpoint", "access", "front", "name", "source") or \
+                    cls is FrontSettings and f.name in ("host", "port"):  # split from listen
                 continue
             assert f"{f.name} " in text or f"{f.name}=" in text, f"{cls.__name__}.{f.name}"
+
+
+# ---------------------------------------------------------------- [daemon.front] and aliases
+
+def test_front_keys_and_defaults(tmp_path):
+    path = write(tmp_path / "llmux.toml", MINIMAL)
+    assert load_catalog(str(path)).daemon.front.listen == ""  # no table: no front
+    path = write(tmp_path / "llmux.toml", MINIMAL.replace("[models.qwen]", """\
+[daemon.front]
+listen = "[::1]:8100"
+api_keys = ["k1", "k2"]
+queue_timeout = "2m"
+min_active = 5
+
+[models.qwen]
+aliases = ["gpt-4o", "Qwen/Qwen3"]"""))
+    catalog = load_catalog(str(path))
+    front = catalog.daemon.front
+    assert (front.host, front.port, front.api_keys) == ("::1", 8100, ("k1", "k2"))
+    assert (front.queue_timeout, front.min_active, front.max_queue) == (120.0, 5.0, 1024)
+    assert catalog.models["qwen"].aliases == ("gpt-4o", "Qwen/Qwen3")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('listen = "8000"', 'line 6: daemon.front.listen: expected "HOST:PORT"'),
+    ('listen = "127.0.0.1:70000"', "line 6: daemon.front.listen: port must be between 1 and 65535"),
+    ('listen = "127.0.0.1:8001"', "line 6: daemon.front.listen: port 8001 is also the port of "
+                                  "model 'qwen'"),
+    ('api_keys = ["a key"]', "line 6: daemon.front.api_keys[0]: an API key must be"),
+    ('api_keys = "k"', "line 6: daemon.front.api_keys: expected an array of strings"),
+    ('queue_timeout = "soon"', "line 6: daemon.front.queue_timeout: invalid duration"),
+    ('min_active = -1', "line 6: daemon.front.min_active: duration must be"),
+    ('max_queue = 0', "line 6: daemon.front.max_queue: must be between 1"),
+    ("listn = 1", "line 6: daemon.front.listn: unknown key (did you mean 'listen'?)"),
+])
+def test_front_problems_name_file_and_line(tmp_path, line, message):
+    text = MINIMAL.replace("[models.qwen]", f"[daemon.front]\n{line}\n\n[models.qwen]")
+    problem = only_problem(tmp_path, text)
+    file_line, rest = message.split(": ", 1)
+    assert problem.startswith(f"{tmp_path / 'llmux.toml'}:{file_line.split()[1]}: {rest}"), problem
+
+
+def test_aliases_must_be_unique_and_not_model_names(tmp_path):
+    text = MINIMAL + """
+aliases = ["shared", "other"]
+
+[models.other]
+model = "x"
+port = 8002
+aliases = ["shared"]
+"""
+    problems = problems_of(tmp_path, text)
+    f = tmp_path / "llmux.toml"
+    assert f"{f}:14: models.other.aliases: 'shared' is already an alias of model 'qwen' " \
+           f"(at {f}:9)" in problems
+    assert f"{f}:9: models.qwen.aliases: 'other' is the name of model 'other'" in problems
+    assert len(problems) == 2

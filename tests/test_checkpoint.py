@@ -25,7 +25,7 @@ needs_criu = pytest.mark.skipif(not HAVE_CRIU and not os.environ.get("LLMUX_REQU
 
 
 def complete(d, name: str) -> dict:
-    body = json.dumps({"model": f"org/{name}", "prompt": "count me", "max_tokens": 2}).encode()
+    body = json.dumps({"model": name, "prompt": "count me", "max_tokens": 2}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{d.ports[name]}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:

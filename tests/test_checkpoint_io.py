@@ -18,25 +18,58 @@ def fake_daemon(images_dir):
                            runtimes={}, run_in_background=lambda argv: subprocess.run(argv))
 
 
-def test_prepare_removes_only_link_remaps_our_last_dump_recorded(tmp_path):
+def images_naming(folder, *names):
+    """A files.img that names /dev/shm/NAME as CRIU writes it: a length byte, the path."""
+    os.makedirs(folder, exist_ok=True)
+    blob = b"".join(b"\x12" + bytes([len(p)]) + p for p in (f"/dev/shm/{n}".encode() for n in names))
+    with open(os.path.join(folder, "files.img"), "wb") as f:
+        f.write(blob)
+
+
+def test_link_remaps_of_a_dump_are_stashed_and_put_back_and_nothing_else_moves(tmp_path):
     d = fake_daemon(tmp_path)
-    ours, theirs = "/dev/shm/link_remap.llmuxtest-ours", "/dev/shm/link_remap.llmuxtest-theirs"
+    before_dump = cio.link_remaps(d)
+    ours, theirs = "/dev/shm/link_remap.990001", "/dev/shm/link_remap.990002"
     for path in (ours, theirs):
         open(path, "w").close()
+    stash = None
     try:
-        (tmp_path / "a").mkdir()
-        (tmp_path / "a" / "manifest.json").write_text(json.dumps(
-            {"pids": [1], "root_pid": 1, "link_remap": [ours, "/etc/passwd"]}))
-        (tmp_path / "a.partial-old").mkdir()
-        fresh = cio.prepare_images(d, "a")
+        images_naming(tmp_path / "img", "link_remap.990001")  # the dump names only ours
+        stash = cio.stash_link_remaps(d, "a", before_dump, str(tmp_path / "img"))
         assert not os.path.exists(ours) and os.path.exists(theirs)
-        assert os.path.exists("/etc/passwd")  # never outside /dev/shm
-        assert not [p for p in tmp_path.iterdir() if p.name.startswith("a.partial-old")]
-        assert os.path.isdir(fresh) and os.listdir(fresh) == []
+        assert oct(os.stat(stash["dir"]).st_mode & 0o777) == "0o700"
+        assert cio.unstash_link_remaps(d, stash) == [ours] and os.path.exists(ours)
+        cio.clear_link_remaps(d, stash, drop=False)      # a failed restore: the stash stays
+        assert not os.path.exists(ours) and os.listdir(stash["dir"]) == ["link_remap.990001"]
+        open(ours, "w").close()                          # someone else took the name meanwhile
+        with pytest.raises(ValueError, match="exists and is not this checkpoint's"):
+            cio.unstash_link_remaps(d, stash)
+        os.unlink(ours)
+        cio.unstash_link_remaps(d, stash)
+        cio.clear_link_remaps(d, stash, drop=True)       # a good restore: everything goes
+        assert not os.path.exists(stash["dir"]) and not os.path.exists(ours)
+        assert os.path.exists(theirs)
     finally:
         for path in (ours, theirs):
             if os.path.exists(path):
                 os.unlink(path)
+        if stash and os.path.isdir(stash["dir"]):
+            import shutil
+            shutil.rmtree(stash["dir"])
+
+
+def test_a_planted_stash_folder_is_refused(tmp_path):
+    d = fake_daemon(tmp_path)
+    with pytest.raises(ValueError, match="bad link_remap stash"):
+        cio.unstash_link_remaps(d, {"dir": "/etc", "files": [["passwd", 0, 0]]})
+    folder = "/dev/shm/llmux-remap-x-planted"
+    os.makedirs(folder, exist_ok=True)
+    os.chmod(folder, 0o777)
+    try:
+        with pytest.raises(ValueError, match="not llmuxd's private folder"):
+            cio.unstash_link_remaps(d, {"dir": folder, "files": []})
+    finally:
+        os.rmdir(folder)
 
 
 def test_commit_is_a_rename_with_a_manifest_and_replaces_older_images(tmp_path):

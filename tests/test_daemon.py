@@ -18,7 +18,7 @@ THREE = {"a": {"sleep_level": 1}, "b": {"sleep_level": 2}, "c": {"sleep_level": 
 
 
 def complete(d, name: str, prompt: str = "hello world", max_tokens: int = 4) -> dict:
-    body = json.dumps({"model": f"org/{name}", "prompt": prompt, "max_tokens": max_tokens}).encode()
+    body = json.dumps({"model": name, "prompt": prompt, "max_tokens": max_tokens}).encode()
     req = urllib.request.Request(f"http://127.0.0.1:{d.ports[name]}/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:

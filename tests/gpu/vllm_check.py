@@ -132,7 +132,7 @@ class Llmuxd:
 
     def generate(self, name: str) -> str:
         m = self.models[name]
-        body = json.dumps({"model": m["path"], "prompt": PROMPT, "max_tokens": 24,
+        body = json.dumps({"model": name, "prompt": PROMPT, "max_tokens": 24,
                            "temperature": 0}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{m['port']}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})

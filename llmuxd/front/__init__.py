@@ -1,0 +1,154 @@
+"""The OpenAI-compatible front: one endpoint for every model of the catalog.
+
+server.py speaks HTTP to clients, routes.py decides what a request needs,
+demand.py queues requests for models that are not active and asks for swaps,
+proxy.py streams a request to its model's server and the answer back. This
+module wires them to the daemon: authentication, and the daemon's view
+(catalog, runtime records, jobs) that the others read but never change.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+
+from .. import launch
+from .demand import Demand, Task
+from .proxy import Upstream, request_headers
+from .routes import FRONT_HEALTH, FRONT_MODELS, Reply, Route, json_reply, models_list, route
+from .server import FrontServer
+
+log = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+class Front:
+    def __init__(self, daemon) -> None:
+        self.d = daemon
+        s = daemon.catalog.daemon.front
+        self.server = FrontServer(daemon.reactor, s.host, s.port, self.on_request,
+                                  self.abandon)
+        self.demand = Demand(daemon, self._dispatch)
+        self.requests = 0
+
+    @property
+    def settings(self):
+        return self.d.catalog.daemon.front
+
+    def start(self) -> None:
+        self.server.start()
+        self.d.reactor.after_events.append(self.demand.pump)
+        s = self.settings
+        log.info("front listening on %s (%s)", s.listen,
+                 f"{len(s.api_keys)} API key(s)" if s.api_keys else "no API keys")
+        if not s.api_keys and not is_loopback(s.host):
+            log.warning("front: listening on %s beyond loopback WITHOUT api_keys: anyone who "
+                        "reaches this port can use, and swap, every model (set "
+                        "[daemon.front] api_keys)", s.listen)
+
+    def shutdown(self) -> None:
+        """Stop taking requests; answer the waiting ones; streams run on until their
+        model stops."""
+        self.server.stop_listening()
+        self.demand.fail_all("llmuxd is shutting down")
+
+    def close(self) -> None:
+        self.server.close()
+
+    # -- what the daemon asks ----------------------------------------------------------
+    def in_flight(self, name: str) -> int:
+        return self.demand.in_flight.get(name, 0)
+
+    def total_in_flight(self) -> int:
+        return sum(self.demand.in_flight.values())
+
+    def on_transition(self, name: str, after: str) -> None:
+        self.demand.on_transition(name, after)
+
+    def status(self) -> dict:
+        return {"listen": self.settings.listen, "queued": self.demand.queued(),
+                "in_flight": {k: v for k, v in self.demand.in_flight.items() if v},
+                "requests": self.requests}
+
+    # -- one request --------------------------------------------------------------------
+    def _authorized(self, headers) -> bool:
+        keys = self.settings.api_keys
+        if not keys:
+            return True
+        given = b""
+        for name, value in headers:
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+        # Every key is compared, whatever matched: the time taken says nothing.
+        ok = False
+        for key in keys:
+            ok |= hmac.compare_digest(given, key.encode())
+        return ok
+
+    def on_request(self, conn) -> None:
+        self.requests += 1
+        req = conn.request
+        method, target = req.method.decode("ascii", "replace"), req.target.decode("latin-1")
+        what = route(method, target, bytes(conn.body), self.d.catalog)
+        if what == FRONT_HEALTH:
+            conn.reply(json_reply(200, {"status": "ok"}))  # no key needed: a load balancer's
+            return
+        if not self._authorized(req.headers):
+            conn.reply_error(401, "missing or wrong API key (Authorization: Bearer KEY)")
+            return
+        if what == FRONT_MODELS:
+            conn.reply(models_list(self.d.catalog, self.d.runtimes, target.partition("?")[0]))
+        elif isinstance(what, Reply):
+            conn.reply(what)
+        else:
+            task = Task(conn, what)
+            conn.task = task
+            self.demand.admit(task)
+
+    def abandon(self, task: Task) -> None:
+        """Its client went away: out of the queue, or its upstream closed."""
+        if task.queued:
+            self.demand.abandon(task)
+        elif task.upstream is not None:
+            task.upstream.cancel()
+
+    def _dispatch(self, task: Task) -> None:
+        r: Route = task.route
+        if task.conn.closed:
+            return
+        spec = self.d.spec_in_use(r.model)
+        body = upstream_body(spec, r.body) if r.target.startswith("/v1/") else r.body
+        req = task.conn.request
+        host = launch.connect_host(spec)
+        headers = request_headers(req.headers, host, spec.port, body,
+                                  strip_auth=bool(self.settings.api_keys))
+        self.demand.started(r.model)
+        task.upstream = Upstream(self.d.reactor, host, spec.port, req.method.decode(), r.target,
+                                 headers, body, task.conn,
+                                 done=lambda: self.demand.ended(r.model))
+
+
+def upstream_body(spec, body: bytes) -> bytes:
+    """vLLM answers only to its served names: when `args` chose those, the name the
+    client sent (the catalog's) becomes the first of them."""
+    served = launch.served_names(spec.args)
+    if not served:
+        return body  # started with --served-model-name NAME ALIASES...: it knows them all
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return body
+    if request.get("model") in served:
+        return body
+    request["model"] = served[0]
+    return json.dumps(request).encode()

@@ -1,0 +1,172 @@
+"""Requests waiting for their model, the swaps they ask for, and what is in flight.
+
+A request for the active model goes straight through; one for another model
+waits here, and the oldest waiting request decides which model the next swap
+brings up (FIFO across models). Every waiting request for that model joins
+the same swap. A swap is the one `llmuxctl swap` runs (swap_plan, a job of the
+daemon); while any job runs, nothing new starts. `min_active` keeps a freshly
+activated model for that long before on-demand traffic may swap it away, so
+two clients alternating between two models cannot swap at every request.
+The decision is `choose_swap`, a pure function; this class only keeps the
+queue, the timers and the counts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from .. import states as S
+from ..swap import swap_plan
+
+log = logging.getLogger(__name__)
+SWEEP = 0.5
+RETRY_QUEUE_FULL = 1.0
+RETRY_FAILED = 10.0
+# Only from these does a swap bring a model up; others are on their way somewhere
+# (a job runs) or under supervision (restarting: its backoff is not ours to skip).
+SWAPPABLE = S.ASLEEP | {S.STOPPED, S.FAILED}
+
+
+def choose_swap(waiting: list[str], states: dict[str, str], active_since: dict[str, float],
+                now: float, min_active: float) -> tuple[str | None, float | None]:
+    """(model to swap to now, None), (None, seconds until asking again makes sense),
+    or (None, None) when nothing waits that a swap could serve. `waiting` lists the
+    models of the waiting requests, oldest first."""
+    target = next((m for m in waiting if states.get(m) in SWAPPABLE), None)
+    if target is None:
+        return None, None
+    active = [active_since.get(n, -math.inf) for n, s in states.items() if s == S.ACTIVE]
+    if active:
+        left = max(active) + min_active - now
+        if left > 0:
+            return None, left
+    return target, None
+
+
+@dataclass(eq=False)
+class Task:
+    """One request of a client, from the front's routing to its last byte."""
+    conn: object
+    route: object
+    arrived: float = field(default_factory=time.monotonic)
+    upstream: object = None
+    queued: bool = False
+
+
+class Demand:
+    def __init__(self, daemon, dispatch) -> None:
+        self.d = daemon
+        self.dispatch = dispatch          # Task -> None: forward it now (the front's)
+        self.queue: dict[Task, None] = {}  # insertion-ordered: FIFO with O(1) removal
+        self.in_flight: dict[str, int] = {}
+        self.active_since: dict[str, float] = {}
+        self.swap_job = None
+        self._timer = None
+        self._sweeping = False
+
+    @property
+    def settings(self):
+        return self.d.catalog.daemon.front
+
+    # -- entering ------------------------------------------------------------------
+    def admit(self, task: Task) -> None:
+        rt = self.d.runtimes.get(task.route.model)
+        if rt is None:
+            task.conn.reply_error(404, f"unknown model {task.route.model!r}")
+        elif self.d.shutting_down:
+            task.conn.reply_error(503, "llmuxd is shutting down", RETRY_FAILED)
+        elif rt.state == S.ACTIVE:
+            self.dispatch(task)
+        elif len(self.queue) >= self.settings.max_queue:
+            task.conn.reply_error(429, f"{len(self.queue)} requests already wait for their "
+                                       "model (daemon.front.max_queue)", RETRY_QUEUE_FULL)
+        else:
+            task.queued = True
+            self.queue[task] = None
+            log.debug("front: %r waits for %s (%s)", task.conn, task.route.model, rt.state)
+            if not self._sweeping:
+                self._sweeping = True
+                self.d.reactor.call_later(SWEEP, self._sweep)
+            self.pump()
+
+    def abandon(self, task: Task) -> None:
+        """The client went away while its request waited."""
+        self.queue.pop(task, None)
+
+    # -- the pump: after every loop pass, and when something changed -----------------
+    def pump(self) -> None:
+        if not self.queue:
+            return
+        for task in [t for t in self.queue
+                     if self.d.runtimes.get(t.route.model) is not None
+                     and self.d.runtimes[t.route.model].state == S.ACTIVE]:
+            del self.queue[task]
+            task.queued = False
+            self.dispatch(task)
+        if not self.queue or self.d.job is not None or self.d.shutting_down:
+            return
+        states = {n: rt.state for n, rt in self.d.runtimes.items()}
+        waiting = list(dict.fromkeys(t.route.model for t in self.queue))
+        target, wait = choose_swap(waiting, states, self.active_since, time.monotonic(),
+                                   self.settings.min_active)
+        if target is not None:
+            log.info("front: %d request(s) wait for %s: swapping to it",
+                     sum(t.route.model == target for t in self.queue), target)
+            self.swap_job = self.d.start_job("swap", target, swap_plan(self.d, target),
+                                             on_done=self._swap_done)
+        elif wait is not None and self._timer is None:
+            self._timer = self.d.reactor.call_later(wait, self._timer_due)
+
+    def _timer_due(self) -> None:
+        self._timer = None
+        self.pump()
+
+    def _swap_done(self, job) -> None:
+        self.swap_job = None
+        if job.ok:
+            return  # the next pump dispatches the waiters
+        failed = [t for t in self.queue if t.route.model == job.model]
+        for task in failed:
+            del self.queue[task]
+            task.queued = False
+            task.conn.reply_error(503, f"{job.model} could not be made active: {job.message}",
+                                  RETRY_FAILED)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        limit = self.settings.queue_timeout
+        for task in [t for t in self.queue if now - t.arrived > limit]:
+            del self.queue[task]
+            task.queued = False
+            task.conn.reply_error(503, f"{task.route.model} did not become active within "
+                                       f"{limit:g}s (daemon.front.queue_timeout)", RETRY_FAILED)
+        if self.queue:
+            self.d.reactor.call_later(SWEEP, self._sweep)
+        else:
+            self._sweeping = False
+
+    # -- what the daemon tells us and asks ---------------------------------------------
+    def on_transition(self, name: str, after: str) -> None:
+        if after == S.ACTIVE:
+            self.active_since[name] = time.monotonic()
+
+    def started(self, name: str) -> None:
+        self.in_flight[name] = self.in_flight.get(name, 0) + 1
+
+    def ended(self, name: str) -> None:
+        self.in_flight[name] = max(0, self.in_flight.get(name, 0) - 1)
+
+    def fail_all(self, why: str) -> None:
+        for task in list(self.queue):
+            task.queued = False
+            task.conn.reply_error(503, why, RETRY_FAILED)
+        self.queue.clear()
+
+    def queued(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for task in self.queue:
+            counts[task.route.model] = counts.get(task.route.model, 0) + 1
+        return counts
