@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from llmuxctl.client import request  # noqa: E402
+from tests.daemon_fixture import group_pids as group_alive  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog and then"
 ENV = {"HF_HUB_OFFLINE": "1", "VLLM_USE_FLASHINFER_SAMPLER": "0", "NCCL_NVLS_ENABLE": "0",
@@ -69,20 +70,6 @@ def gpu_used() -> int:
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                          capture_output=True, text=True).stdout.split()
     return int(out[0]) if out else -1
-
-
-def group_alive(pgid: int) -> list[int]:
-    alive = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                stat = Path(f"/proc/{name}/stat").read_bytes()
-            except OSError:
-                continue
-            rest = stat[stat.rfind(b")") + 2:].split()
-            if int(rest[2]) == pgid and rest[0] not in (b"Z", b"X"):
-                alive.append(int(name))
-    return alive
 
 
 class Llmuxd:
@@ -138,6 +125,13 @@ class Llmuxd:
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=120) as r:
             return json.loads(r.read())["choices"][0]["text"]
+
+    def shutdown(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(300)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
     def tail(self, name: str | None = None, n: int = 2500) -> str:
         path = self.work / "state" / "logs" / f"{name}.log" if name else self.work / "llmuxd.log"
@@ -231,11 +225,7 @@ def cycle(work: Path, model: Path, criu: str, plugin_dir: str, rec: Recorder) ->
         groups = {m["pid"] for st in (before, after, d.status()) for m in st.values()
                   if m.get("pid")}
     finally:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(300)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
+        d.shutdown()
     time.sleep(1)
     left = {g: group_alive(g) for g in groups}
     shm = sorted(p for p in os.listdir("/dev/shm") if p.startswith("link_remap."))
@@ -276,11 +266,7 @@ def weights(work: Path, model: Path, criu: str, plugin_dir: str, empty_dir: str,
                         identical=text == ref, state=st["state"])
             step(rec, d, f"stop {name}", {"cmd": "stop", "model": name}, name)
     finally:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(300)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
+        d.shutdown()
 
 
 def main() -> None:
