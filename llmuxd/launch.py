@@ -116,6 +116,9 @@ def tp_size(args) -> int:
 
 
 TP_FLAGS = ("--enforce-eager", "--disable-custom-all-reduce")
+# Stock vLLM has no suspend_nccl/resume_nccl RPC: NCCL must then keep no P2P, SHM or
+# NVLS (multicast) buffers, which a CUDA checkpoint cannot move.
+TP_NCCL_ENV = (("NCCL_P2P_DISABLE", "1"), ("NCCL_SHM_DISABLE", "1"), ("NCCL_NVLS_ENABLE", "0"))
 
 
 def catalog_warnings(catalog) -> list[str]:
@@ -135,4 +138,11 @@ def catalog_warnings(catalog) -> list[str]:
                 warnings.append(f"{spec.source}: warning: models.{spec.name}: tensor-parallel size "
                                 f"{tp} at level {spec.sleep_level} needs {' and '.join(missing)} "
                                 "(CUDA graphs and custom all-reduce buffers cannot be suspended)")
+            env = spec.env_dict()
+            unset = [f"{k}={v}" for k, v in TP_NCCL_ENV if env.get(k) != v]
+            if unset:
+                warnings.append(f"{spec.source}: warning: models.{spec.name}: tensor-parallel size "
+                                f"{tp} at level {spec.sleep_level} on a vLLM without the "
+                                f"suspend_nccl RPC needs env {' '.join(unset)} (NCCL's P2P, SHM "
+                                "and NVLS buffers cannot be checkpointed)")
     return warnings

@@ -33,7 +33,8 @@ def test_check_warns_when_tp_flags_are_missing(tmp_path):
     cfg = tmp_path / "c.toml"
     cfg.write_text('[models.big]\nmodel = "m"\nport = 9000\nsleep_level = 3\n'
                    'args = ["-tp", "2"]\n[models.ok]\nmodel = "m"\nport = 9001\nsleep_level = 4\n'
-                   'args = ["-tp", "2", "--enforce-eager", "--disable-custom-all-reduce"]\n')
+                   'args = ["-tp", "2", "--enforce-eager", "--disable-custom-all-reduce"]\n'
+                   'env = { NCCL_P2P_DISABLE = "1", NCCL_SHM_DISABLE = "1", NCCL_NVLS_ENABLE = "0" }\n')
     r = subprocess.run([sys.executable, "-m", "llmuxd", "--config", str(cfg), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 0
@@ -99,7 +100,35 @@ def test_tp1_model_makes_no_nccl_calls():
 
 
 def test_catalog_warnings_name_the_model_line():
-    cat = catalog(model("x", 1, 4, args=("-tp", "2", "--enforce-eager"), source="/c.toml:7"))
+    nccl = (("NCCL_P2P_DISABLE", "1"), ("NCCL_SHM_DISABLE", "1"), ("NCCL_NVLS_ENABLE", "0"))
+    cat = catalog(model("x", 1, 4, args=("-tp", "2", "--enforce-eager"), source="/c.toml:7",
+                        env=nccl))
     assert catalog_warnings(cat) == [
         "/c.toml:7: warning: models.x: tensor-parallel size 2 at level 4 needs "
         "--disable-custom-all-reduce (CUDA graphs and custom all-reduce buffers cannot be suspended)"]
+
+
+def test_tp_model_without_nccl_env_is_told_what_stock_vllm_needs():
+    cat = catalog(model("x", 1, 3, args=tuple(TP2), source="/c.toml:3",
+                        env=(("NCCL_P2P_DISABLE", "1"),)))
+    assert catalog_warnings(cat) == [
+        "/c.toml:3: warning: models.x: tensor-parallel size 2 at level 3 on a vLLM without the "
+        "suspend_nccl RPC needs env NCCL_SHM_DISABLE=1 NCCL_NVLS_ENABLE=0 (NCCL's P2P, SHM and "
+        "NVLS buffers cannot be checkpointed)"]
+
+
+def test_stock_vllm_without_nccl_rpcs_suspends_all_the_same():
+    """vLLM 0.26 answers 500 (AttributeError) to suspend_nccl: detected, not fatal."""
+    view = FakeView(catalog(model("t", 8001, 3, args=tuple(TP2))), {"t": S.DRAINING})
+    pids = [10, 11]
+    absent = HttpResult(500, b"{\"error\": \"'Worker' object has no attribute 'suspend_nccl'\"}")
+    table = [(Io("process_tree", ("t",)), pids), (RunTools, [ToolResult(0, "running")] * 2),
+             (T("t", S.SUSPENDING), None), (rpc("t", "suspend_nccl"), absent),
+             (RunTools, [ToolResult(0)] * 2), (RunTools, [ToolResult(0)] * 2),
+             (T("t", S.SUSPENDED), None)]
+    outcome, _, phases = run_table(view, CudaSuspend().sleep(view, "t"), table)
+    assert outcome == "ok" and ("suspend_nccl-absent", "t") in phases
+    other = HttpResult(500, b"CUDA error: an illegal memory access")  # a real failure stays one
+    table = table[:3] + [(rpc("t", "suspend_nccl"), other)]
+    view = FakeView(catalog(model("t", 8001, 3, args=tuple(TP2))), {"t": S.DRAINING})
+    assert run_table(view, CudaSuspend().sleep(view, "t"), table)[0] == "failed"
