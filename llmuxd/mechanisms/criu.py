@@ -1,17 +1,23 @@
 """Level 4: CRIU checkpoint of the whole process tree to disk, and restore.
 
-Dump: drain (done by the swap engine), suspend CUDA first unless CRIU's CUDA
-plugin does it (plugin mode: plugin present and driver 580+, pass -L), check
-the disk can hold the images, dump into a fresh temporary directory, and only
-when CRIU succeeded rename it into place with a manifest: a partial or failed
-dump never counts as a checkpoint. CRIU kills the tree; every process of it
-must be reaped before a restore (a zombie keeps its PID busy).
+Dump: refuse at once if `criu check` fails (nothing has changed yet); drain
+(done by the swap engine); the weights axis (vLLM sleep, so the image holds no
+KV cache; `checkpoint_sleep`); suspend CUDA first unless CRIU's CUDA plugin does
+it (plugin mode: plugin present and driver 580+, pass -L and put a
+cuda-checkpoint on criu's PATH); check the disk can hold the images; dump into
+a fresh temporary directory, and only when CRIU succeeded stash this dump's
+/dev/shm/link_remap files (they collide between trees) and rename the images
+into place with a manifest: a partial or failed dump never counts as a
+checkpoint. CRIU kills the tree; every process of it must be reaped before a
+restore (a zombie keeps its PID busy).
 
-Restore: the dumped PIDs must be free; `criu restore --restore-detached` runs
-as our child and the restored tree becomes ours (we are its subreaper); the
-stored identity is refreshed (same PID, new start time); CUDA is resumed in
-suspend mode; health check; active. A failed restore keeps the images aside
-for diagnosis and cold-starts the model.
+Restore: the dumped PIDs must be free; the stashed link_remap files go back;
+`criu restore --restore-detached` runs as our child and the restored tree
+becomes ours (we are its subreaper); the stored identity is refreshed (same
+PID, new start time); CUDA is resumed in suspend mode; the KV cache (and for
+checkpoint_sleep 2 the weights) is woken; health check; active. A failed
+restore kills only a tree it can prove CRIU made, keeps the images aside for
+diagnosis and cold-starts the model, and says so (Degraded).
 """
 
 from __future__ import annotations
