@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from . import launch, procs, store
+from . import launch, procs, store, trust
 from . import states as S
 from .actions import HttpResult, describe_http
 from .access import Access
@@ -87,8 +87,12 @@ class Daemon:
         if not self.is_pid1 and not procs.become_subreaper():
             log.warning("could not become a child subreaper; orphaned model processes go to init")
         d = self.catalog.daemon
-        for path in (d.state_dir, d.log_dir):
-            os.makedirs(path, exist_ok=True)
+        # Before anything is read or signalled: the directories must be ours alone,
+        # and no other llmuxd may be using them (it would adopt our models).
+        trust.ensure_dir(d.state_dir, "state_dir")
+        trust.ensure_dir(d.log_dir, "log_dir")
+        self.lock_fd = store.lock(d.state_dir)
+        stored = store.load(d.state_dir)
         self.reactor.install_signals()
         try:
             self.control.start()
@@ -98,7 +102,6 @@ class Daemon:
             self._health_tick()
             self._watchdog_tick()
             self.watcher.start()
-            stored = store.load(d.state_dir)
             self.resume = stored.get("resume")
             if stored.get("models"):
                 self.notifier.status("adopting models left by an earlier llmuxd")
