@@ -91,11 +91,11 @@ class Daemon:
         # and no other llmuxd may be using them (it would adopt our models).
         trust.ensure_dir(d.state_dir, "state_dir")
         trust.ensure_dir(d.log_dir, "log_dir")
-        self.lock_fd = store.lock(d.state_dir)
-        stored = store.load(d.state_dir)
         self.reactor.install_signals()
         try:
-            self.control.start()
+            self.control.start()  # first: a live daemon on our socket is the likelier clash
+            self.lock_fd = store.lock(d.state_dir)
+            stored = store.load(d.state_dir)
             log.info("llmuxd %d listening on %s with %d model(s)", os.getpid(), d.socket,
                      len(self.catalog.models))
             self._periodic_reap()
@@ -266,15 +266,24 @@ class Daemon:
         d = self.catalog.daemon
         argv = launch.model_argv(d, spec)
         env = launch.model_env(spec, procs.clean_env(dict(os.environ), {}))
-        path = launch.log_path(d, name)
+        where = launch.log_path(d, name)
         try:
-            os.makedirs(d.log_dir, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {name}: "
-                        f"{' '.join(argv)}\n")
-            child, _ = procs.spawn(argv, env=env, log_path=path, cwd=spec.cwd)
+            log_fd = launch.open_log(d, name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except trust.Untrusted as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot open its log file {where}: {exc.strerror or exc}"
+        try:
+            try:
+                os.write(log_fd, f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting "
+                                 f"{name}: {' '.join(argv)}\n".encode())
+            except OSError as exc:  # ENOSPC above all: say it is the log, not the model
+                return f"cannot write its log file {where}: {exc.strerror or exc}"
+            child, _ = procs.spawn(argv, env=env, log_fd=log_fd, cwd=spec.cwd)
         except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
             return f"{argv[0]}: {getattr(exc, 'strerror', None) or exc}"
+        finally:
+            os.close(log_fd)
         rt = self.runtimes[name]
         rt.pid, rt.pgid, rt.start_time, rt.exit_reason = child.pid, child.pid, child.start_time, None
         rt.extra.pop("stop_requested", None)

@@ -56,6 +56,13 @@ def log_path(daemon, name: str) -> str:
     return os.path.join(daemon.log_dir, f"{name}.log")
 
 
+def open_log(daemon, name: str, flags: int) -> int:
+    """The model's log file, never through a link (root appends to it, and anyone may
+    read it back with `llmuxctl logs`). Raises trust.Untrusted or OSError."""
+    from .trust import open_in
+    return open_in(daemon.log_dir, f"{name}.log", flags, "log_dir")
+
+
 def argv_hash(argv, env: dict[str, str]) -> str:
     """Identifies what a process was started with (checkpoint manifests, reload diffs)."""
     blob = json.dumps([list(argv), sorted(env.items())]).encode()

@@ -124,16 +124,20 @@ class Child:
 
 def spawn(argv: list[str], *, env: dict[str, str], log_path: str | None = None,
           cwd: str | None = None, new_session: bool = True,
-          capture: bool = False) -> tuple[Child, int | None]:
-    """Start a child: stdin /dev/null, stdout+stderr appended to log_path (or a pipe
-    when capture is set, whose read end is returned), own session and process group,
-    only fds 0-2 inherited, default signal dispositions. Raises OSError."""
+          capture: bool = False, log_fd: int | None = None) -> tuple[Child, int | None]:
+    """Start a child: stdin /dev/null, stdout+stderr appended to log_path or to the
+    already opened log_fd (the caller keeps and closes it; model logs are opened
+    without following links, see trust.py), or a pipe when capture is set, whose read
+    end is returned; own session and process group, only fds 0-2 inherited, default
+    signal dispositions. Raises OSError."""
     devnull = os.open(os.devnull, os.O_RDONLY)
     out_fd = read_fd = None
     try:
         if capture:
             read_fd, out_fd = os.pipe()
             os.set_blocking(read_fd, False)
+        elif log_fd is not None:
+            out_fd = os.dup(log_fd)
         elif log_path:
             out_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         else:
