@@ -76,6 +76,9 @@ class Daemon:
         self.is_pid1 = os.getpid() == 1
         self.pending_pidfds: dict[str, int] = {}
         self.resume: str | None = None  # checkpointed at shutdown: restore it at the next start
+        # State-file entries adoption has not settled yet, written back as they were.
+        self.unadopted: dict[str, dict] = {}
+        self.unadopted_active: str | None = None
         self.watcher = CatalogWatcher(self.config_path, self.reactor.wake)
         self.reactor.after_events.append(self.reconcile)
 
@@ -104,6 +107,8 @@ class Daemon:
             self.watcher.start()
             self.resume = stored.get("resume")
             if stored.get("models"):
+                self.unadopted = dict(stored["models"])
+                self.unadopted_active = stored.get("active")
                 self.notifier.status("adopting models left by an earlier llmuxd")
                 self.start_job("adopt", None, adopt_plan(self, stored), on_done=self._started)
             else:
@@ -119,6 +124,8 @@ class Daemon:
     def _started(self, job: Job | None) -> None:
         d = self.catalog.daemon
         if job is not None:
+            if job.ok:  # every entry was looked at; cut short, the rest stays recorded
+                self.unadopted.clear()
             self.save_state()
         # The model a `shutdown = "checkpoint"` put to disk comes back first; else the default.
         resume = self.resume if self.resume in self.runtimes else None
@@ -403,6 +410,8 @@ class Daemon:
 
     def on_transition(self, name: str, before: str | None, after: str) -> None:
         """Hook for every state change (the state file and notifications attach here)."""
+        if after != S.ADOPTING:  # settled (or being stopped): from now on the record is ours
+            self.unadopted.pop(name, None)
         if after not in UNPERSISTED:
             self.save_state()
         if after == S.ACTIVE:

@@ -38,14 +38,24 @@ def path_of(state_dir: str) -> str:
 
 
 def snapshot(daemon) -> dict:
-    models = {}
+    """What to write now. A model adoption has not decided yet keeps the entry the
+    last llmuxd wrote (the file must never say less than the truth: a kill during
+    adoption would otherwise record running models as stopped, and they would leak)."""
+    pending = daemon.unadopted
+    models = {name: entry for name, entry in pending.items() if name not in daemon.runtimes}
     for name, rt in daemon.runtimes.items():
+        if name in pending:
+            models[name] = pending[name]
+            continue
         spec = daemon.spec_in_use(name)
         entry = {k: getattr(rt, k) for k in FIELDS}
         entry.update({k: rt.extra.get(k) for k in EXTRA_FIELDS if rt.extra.get(k) is not None})
         entry.update({"port": spec.port, "sleep_level": spec.sleep_level})
         models[name] = entry
-    return {"version": VERSION, "daemon_pid": os.getpid(), "active": daemon.active(),
+    active = daemon.active()
+    if active is None and daemon.unadopted_active in pending:
+        active = daemon.unadopted_active
+    return {"version": VERSION, "daemon_pid": os.getpid(), "active": active,
             "resume": daemon.resume, "models": models}
 
 
