@@ -8,6 +8,7 @@ process whose identity does not match what the state file recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -90,6 +91,11 @@ def adopt_pid(d, name: str, entry: dict) -> None:
     now = launch.argv_hash(launch.model_argv(d.catalog.daemon, spec), spec.env_dict())
     if entry.get("argv_hash") and entry["argv_hash"] != now:
         # The catalog changed while llmuxd was down: say so, as a reload would.
+        rt.extra["restart_pending"] = True
+    if entry.get("port") and entry["port"] != spec.port:
+        # The process listens where it was started, not where the catalog now says:
+        # probe and steer it there until it restarts (as after the same edit made live).
+        d.specs_in_use[name] = dataclasses.replace(spec, port=entry["port"])
         rt.extra["restart_pending"] = True
     d.watch_pidfd(name, entry["pid"], pidfd, entry["start_time"])
     d.on_transition(name, S.STOPPED, S.ADOPTING)
