@@ -365,10 +365,23 @@ class Daemon:
         log.info("%s: %s -> %s%s", name, before, state, f" ({error})" if error else "")
         self.on_transition(name, before, state)
 
+    def strays(self, name: str) -> set[int]:
+        """Processes of the model outside its process group (see procs.strays)."""
+        rt = self.runtimes[name]
+        tracked = {r.pid for r in self.runtimes.values() if r.pid}
+        return procs.strays(rt.pid, rt.pgid, launch.marker(name),
+                            lambda pid: pid in tracked or self.reaper.owns(pid))
+
+    def signal_model(self, name: str, sig: int) -> bool:
+        """The model's process group and its strays; False when nothing of it was left."""
+        rt = self.runtimes[name]
+        sent = rt.pgid is not None and procs.kill_group(rt.pgid, sig)
+        return procs.signal_strays(lambda: self.strays(name), sig) > 0 or sent
+
     def on_crash(self, name: str, reason: str) -> None:
         rt = self.runtimes[name]
         if rt.pgid is not None:
-            procs.kill_group(rt.pgid, signal.SIGKILL)  # EngineCore outlives its API server
+            self.signal_model(name, signal.SIGKILL)  # EngineCore outlives its API server
         if rt.state == S.ACTIVE:
             self.advance(name, S.RESTARTING, error=f"crashed: {reason}")
             self.schedule_restart(name)

@@ -41,7 +41,18 @@ def model_env(spec, base: dict[str, str]) -> dict[str, str]:
         env["UV_USE_IO_URING"] = "0"
         env["USE_LIBUV"] = "0"
     env.update(spec.env_dict())
+    # Set last, so that no `env` entry hides it: a helper that daemonizes (double fork,
+    # setsid) leaves the process group, and this marker is how llmuxd, its subreaper,
+    # knows whose it is when it stops the model (procs.strays).
+    env[MARKER] = spec.name
     return env
+
+
+MARKER = "LLMUX_MODEL"
+
+
+def marker(name: str) -> bytes:
+    return f"{MARKER}={name}".encode()
 
 
 def connect_host(spec) -> str:

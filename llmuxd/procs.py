@@ -191,6 +191,77 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """state, ppid, pgid, ... of /proc/PID/stat (after the command name)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def strays(pid: int | None, pgid: int | None, marker: bytes, owned: Callable[[int], bool]) \
+        -> set[int]:
+    """What a model started that its process group no longer holds: descendants of its
+    main process in other groups (a helper that called setsid), and orphans the kernel
+    reparented to llmuxd, the subreaper (a double fork), whose environment carries the
+    model's marker, with their own descendants. Each of these is in llmuxd's tree, so
+    llmuxd started it; `owned`: PIDs llmuxd tracks itself (models, tools), never strays."""
+    roots, found = [], set()
+    if pid:
+        roots.append(pid)
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or owned(int(name)):
+            continue
+        rest = _stat_fields(int(name))
+        if not rest or len(rest) < 3 or rest[0] in (b"Z", b"X") or int(rest[1]) != me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if marker in env.split(b"\0"):
+            found.add(int(name))
+            roots.append(int(name))
+    for root in roots:
+        try:
+            for child in psutil.Process(root).children(recursive=True):
+                rest = _stat_fields(child.pid)
+                if rest and len(rest) > 2 and int(rest[2]) != pgid and not owned(child.pid):
+                    found.add(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def signal_strays(find: Callable[[], set[int]], sig: int) -> int:
+    """Signal what find() returns, through pidfds taken before a second find(): a PID
+    that exited and was reused between the scan and the signal is never hit."""
+    pidfds = {}
+    for pid in find():
+        try:
+            pidfds[pid] = os.pidfd_open(pid)
+        except OSError:
+            continue
+    sent = 0
+    try:
+        confirmed = find() if pidfds else set()
+        for pid, fd in pidfds.items():
+            if pid in confirmed:
+                try:
+                    signal.pidfd_send_signal(fd, sig)
+                    sent += 1
+                except OSError:
+                    pass
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+    return sent
+
+
 def kill_group(pgid: int, sig: int) -> bool:
     """Signal a whole process group; False when no process of it is left."""
     try:
