@@ -8,6 +8,7 @@ process whose identity does not match what the state file recorded.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 import os
@@ -50,10 +51,23 @@ def kill_leftovers(d, name: str, entry: dict) -> list[int]:
     pgid = entry.get("pgid")
     if not pgid:
         return []
+    if pgid != entry.get("pid") or not entry.get("start_time"):
+        # llmuxd starts every model as the leader of its own group: a group led by
+        # anyone else is not one llmuxd can prove it started.
+        log.warning("%s: not touching process group %s: its leader is not the recorded "
+                    "process %s", name, pgid, entry.get("pid"))
+        return []
     leader_alive = procs.is_alive(pgid)
     if leader_alive and not (entry.get("force") and _matches(pgid, entry.get("start_time"))):
         return []  # the leader lives: it is either ours and adopted, or not ours at all
     members = procs.group_members(pgid)
+    older = [p for p in members if (procs.process_start_time(p) or 0)
+             < entry["start_time"] - START_TIME_TOLERANCE]
+    if older:
+        # A member older than our leader was never started by it: the group is someone else's.
+        log.warning("%s: not touching process group %d: %s predate(s) its recorded leader",
+                    name, pgid, older)
+        return []
     if members:
         log.warning("%s: killing leftovers of its process group %d: %s", name, pgid, members)
         procs.kill_group(pgid, signal.SIGKILL)
@@ -67,8 +81,8 @@ def adopt_pid(d, name: str, entry: dict) -> None:
     pidfd = d.pending_pidfds.pop(name)
     rt = d.runtimes[name]
     S.advance(rt, S.ADOPTING)
-    rt.pid, rt.pgid, rt.start_time = entry["pid"], entry.get("pgid") or entry["pid"], \
-        entry["start_time"]
+    # The group as the kernel says it is for the process identified above, not as written.
+    rt.pid, rt.pgid, rt.start_time = entry["pid"], os.getpgid(entry["pid"]), entry["start_time"]
     rt.exit_reason = None
     for key in ("argv_hash", "cuda_pids"):
         if entry.get(key) is not None:
@@ -78,6 +92,11 @@ def adopt_pid(d, name: str, entry: dict) -> None:
     if entry.get("argv_hash") and entry["argv_hash"] != now:
         # The catalog changed while llmuxd was down: say so, as a reload would.
         rt.extra["restart_pending"] = True
+    if entry.get("port") and entry["port"] != spec.port:
+        # The process listens where it was started, not where the catalog now says:
+        # probe and steer it there until it restarts (as after the same edit made live).
+        d.specs_in_use[name] = dataclasses.replace(spec, port=entry["port"])
+        rt.extra["restart_pending"] = True
     d.watch_pidfd(name, entry["pid"], pidfd, entry["start_time"])
     d.on_transition(name, S.STOPPED, S.ADOPTING)
 
@@ -86,9 +105,10 @@ def stop_unknown_model(d, name: str, entry: dict) -> None:
     """A model removed from the catalog while llmuxd was down: stop its group if ours."""
     if entry.get("pid") and identify(d, name, entry) == "match":
         os.close(d.pending_pidfds.pop(name))
-        log.warning("%s is no longer in the catalog: stopping its process group %s", name,
-                    entry.get("pgid"))
-        procs.kill_group(entry.get("pgid") or entry["pid"], signal.SIGTERM)
+        pgid = os.getpgid(entry["pid"])
+        log.warning("%s is no longer in the catalog: stopping its process group %s", name, pgid)
+        if pgid == entry["pid"]:  # only a group it leads (as every model llmuxd starts)
+            procs.kill_group(pgid, signal.SIGTERM)
         d.reactor.call_later(d.catalog.daemon.stop_timeout,
                              lambda: kill_leftovers(d, name, {**entry, "force": True}))
     else:

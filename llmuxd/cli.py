@@ -55,6 +55,7 @@ def main(config_path: str, check: bool, log_level: str) -> None:
         logging.getLogger("llmuxd").warning("%s", warning)
     from .control import AlreadyRunning
     from .daemon import Daemon
+    from .store import AlreadyLocked
     os.chdir("/")  # never hold a mount busy; paths were resolved by the catalog
     try:
         daemon = Daemon(catalog)
@@ -63,7 +64,7 @@ def main(config_path: str, check: bool, log_level: str) -> None:
         sys.exit(1)
     try:
         code = daemon.run()
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, AlreadyLocked) as exc:
         click.echo(f"llmuxd: {exc}; refusing to start a second daemon", err=True)
         sys.exit(EXIT_ALREADY_RUNNING)
     except OSError as exc:

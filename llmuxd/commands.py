@@ -12,7 +12,7 @@ import logging
 import os
 import time
 
-from . import __version__, launch
+from . import __version__, launch, trust
 from . import states as S
 from .protocol import MUTATING, ProtocolError, decode_request
 from .doctor import doctor_plan
@@ -30,7 +30,7 @@ class CommandError(Exception):
 class Commands:
     def __init__(self, daemon) -> None:
         self.d = daemon
-        self.followers: dict = {}  # client -> [path, offset]
+        self.followers: dict = {}  # client -> [model, offset]
         self.doctor_job = None
         self._follow_timer = None
 
@@ -158,22 +158,41 @@ class Commands:
         if not isinstance(lines, int) or isinstance(lines, bool) or not 0 <= lines <= MAX_TAIL:
             raise CommandError(f"lines must be an integer from 0 to {MAX_TAIL}")
         path = launch.log_path(self.d.catalog.daemon, name)
-        text, offset = tail(path, lines)
+        fd = self._open_log(name)
+        text, offset = tail(fd, lines) if fd is not None else ("", 0)
         if not request.get("follow"):
             client.finish({"ok": True, "model": name, "path": path, "text": text})
             return
         client.busy = True
         client.send({"event": "log", "model": name, "text": text})
-        self.followers[client] = [path, offset]
+        self.followers[client] = [name, offset]
         if self._follow_timer is None:
             self._follow_timer = self.d.reactor.call_later(FOLLOW_POLL, self._follow)
+
+    def _open_log(self, name: str) -> int | None:
+        """The log read back to any client: never through a link (it could point
+        at a root-only file); None while it does not exist."""
+        try:
+            return launch.open_log(self.d.catalog.daemon, name, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        except trust.Untrusted as exc:
+            raise CommandError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"cannot read the log of {name}: {exc.strerror or exc}") from None
 
     def _follow(self) -> None:
         self._follow_timer = None
         for client, entry in list(self.followers.items()):
-            path, offset = entry
+            name, offset = entry
             try:
-                with open(path, "rb") as f:
+                fd = self._open_log(name)
+            except CommandError:
+                continue
+            if fd is None:
+                continue
+            try:
+                with open(fd, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
                     if size < offset:
                         offset = 0  # truncated or replaced
@@ -191,10 +210,10 @@ class Commands:
         self.followers.pop(client, None)
 
 
-def tail(path: str, lines: int) -> tuple[str, int]:
-    """The last `lines` lines of a file and the offset of its end."""
+def tail(fd: int, lines: int) -> tuple[str, int]:
+    """The last `lines` lines of an open file (closed here) and the offset of its end."""
     try:
-        with open(path, "rb") as f:
+        with open(fd, "rb") as f:
             end = f.seek(0, os.SEEK_END)
             start = max(0, end - max(lines, 1) * 512 - 4096)
             f.seek(start)

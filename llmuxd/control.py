@@ -17,6 +17,7 @@ import socket
 import time
 from typing import Callable
 
+from . import trust
 from .protocol import MAX_LINE, LineBuffer, ProtocolError, encode
 
 log = logging.getLogger(__name__)
@@ -147,11 +148,8 @@ class ControlServer:
 
     def start(self) -> None:
         parent = os.path.dirname(self.path) or "."
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        if os.stat(parent).st_mode & 0o002:
-            # Anyone could replace our socket with theirs between restarts.
-            raise PermissionError(f"refusing to put the control socket in {parent}: the directory "
-                                  "is world-writable (use a directory of its own, e.g. /run/llmux)")
+        # Anyone who may write the directory could replace our socket with theirs.
+        trust.ensure_dir(parent, "the control socket's directory")
         if os.path.exists(self.path) or os.path.islink(self.path):
             self._remove_stale()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

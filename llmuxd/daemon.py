@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from . import launch, procs, seccomp, store
+from . import launch, procs, seccomp, store, trust
 from . import states as S
 from .actions import HttpResult, describe_http
 from .access import Access
@@ -79,6 +79,9 @@ class Daemon:
         self.is_pid1 = os.getpid() == 1
         self.pending_pidfds: dict[str, int] = {}
         self.resume: str | None = None  # checkpointed at shutdown: restore it at the next start
+        # State-file entries adoption has not settled yet, written back as they were.
+        self.unadopted: dict[str, dict] = {}
+        self.unadopted_active: str | None = None
         self.watcher = CatalogWatcher(self.config_path, self.reactor.wake)
         self.reactor.after_events.append(self.reconcile)
 
@@ -90,22 +93,27 @@ class Daemon:
         if not self.is_pid1 and not procs.become_subreaper():
             log.warning("could not become a child subreaper; orphaned model processes go to init")
         d = self.catalog.daemon
-        for path in (d.state_dir, d.log_dir):
-            os.makedirs(path, exist_ok=True)
+        # Before anything is read or signalled: the directories must be ours alone,
+        # and no other llmuxd may be using them (it would adopt our models).
+        trust.ensure_dir(d.state_dir, "state_dir")
+        trust.ensure_dir(d.log_dir, "log_dir")
         self.reactor.install_signals()
         try:
-            self.control.start()
+            self.control.start()  # first: a live daemon on our socket is the likelier clash
+            self.lock_fd = store.lock(d.state_dir)
             if self.front is not None:
                 self.front.start()
+            stored = store.load(d.state_dir)
             log.info("llmuxd %d listening on %s with %d model(s)", os.getpid(), d.socket,
                      len(self.catalog.models))
             self._periodic_reap()
             self._health_tick()
             self._watchdog_tick()
             self.watcher.start()
-            stored = store.load(d.state_dir)
             self.resume = stored.get("resume")
             if stored.get("models"):
+                self.unadopted = dict(stored["models"])
+                self.unadopted_active = stored.get("active")
                 self.notifier.status("adopting models left by an earlier llmuxd")
                 self.start_job("adopt", None, adopt_plan(self, stored), on_done=self._started)
             else:
@@ -123,6 +131,8 @@ class Daemon:
     def _started(self, job: Job | None) -> None:
         d = self.catalog.daemon
         if job is not None:
+            if job.ok:  # every entry was looked at; cut short, the rest stays recorded
+                self.unadopted.clear()
             self.save_state()
         # The model a `shutdown = "checkpoint"` put to disk comes back first; else the default.
         resume = self.resume if self.resume in self.runtimes else None
@@ -277,16 +287,25 @@ class Daemon:
         env = launch.model_env(spec, procs.clean_env(dict(os.environ), {}), checkpoint)
         # io_uring cannot be dumped: a checkpointable tree starts without it.
         no_io_uring = checkpoint and seccomp.supported()
-        path = launch.log_path(d, name)
+        where = launch.log_path(d, name)
         try:
-            os.makedirs(d.log_dir, exist_ok=True)
-            with open(path, "a") as f:
-                f.write(f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting {name}: "
-                        f"{' '.join(argv)}\n")
-            child, _ = procs.spawn(argv, env=env, log_path=path, cwd=spec.cwd,
+            log_fd = launch.open_log(d, name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+        except trust.Untrusted as exc:
+            return str(exc)
+        except OSError as exc:
+            return f"cannot open its log file {where}: {exc.strerror or exc}"
+        try:
+            try:
+                os.write(log_fd, f"=== llmuxd {time.strftime('%Y-%m-%d %H:%M:%S')}: starting "
+                                 f"{name}: {' '.join(argv)}\n".encode())
+            except OSError as exc:  # ENOSPC above all: say it is the log, not the model
+                return f"cannot write its log file {where}: {exc.strerror or exc}"
+            child, _ = procs.spawn(argv, env=env, log_fd=log_fd, cwd=spec.cwd,
                                    no_io_uring=no_io_uring)
         except (OSError, ValueError) as exc:  # ValueError: a NUL in argv or env
             return f"{argv[0]}: {getattr(exc, 'strerror', None) or exc}"
+        finally:
+            os.close(log_fd)
         rt = self.runtimes[name]
         rt.pid, rt.pgid, rt.start_time, rt.exit_reason = child.pid, child.pid, child.start_time, None
         rt.extra.pop("stop_requested", None)
@@ -362,10 +381,23 @@ class Daemon:
         log.info("%s: %s -> %s%s", name, before, state, f" ({error})" if error else "")
         self.on_transition(name, before, state)
 
+    def strays(self, name: str) -> set[int]:
+        """Processes of the model outside its process group (see procs.strays)."""
+        rt = self.runtimes[name]
+        tracked = {r.pid for r in self.runtimes.values() if r.pid}
+        return procs.strays(rt.pid, rt.pgid, launch.marker(name),
+                            lambda pid: pid in tracked or self.reaper.owns(pid))
+
+    def signal_model(self, name: str, sig: int) -> bool:
+        """The model's process group and its strays; False when nothing of it was left."""
+        rt = self.runtimes[name]
+        sent = rt.pgid is not None and procs.kill_group(rt.pgid, sig)
+        return procs.signal_strays(lambda: self.strays(name), sig) > 0 or sent
+
     def on_crash(self, name: str, reason: str) -> None:
         rt = self.runtimes[name]
         if rt.pgid is not None:
-            procs.kill_group(rt.pgid, signal.SIGKILL)  # EngineCore outlives its API server
+            self.signal_model(name, signal.SIGKILL)  # EngineCore outlives its API server
         if rt.state == S.ACTIVE:
             self.advance(name, S.RESTARTING, error=f"crashed: {reason}")
             self.schedule_restart(name)
@@ -407,6 +439,8 @@ class Daemon:
 
     def on_transition(self, name: str, before: str | None, after: str) -> None:
         """Hook for every state change (the state file and notifications attach here)."""
+        if after != S.ADOPTING:  # settled (or being stopped): from now on the record is ours
+            self.unadopted.pop(name, None)
         if after not in UNPERSISTED:
             self.save_state()
         if self.front is not None:

@@ -77,7 +77,18 @@ def model_env(spec, base: dict[str, str], checkpoint: bool | None = None) -> dic
         env["UV_USE_IO_URING"] = "0"
         env["USE_LIBUV"] = "0"
     env.update(spec.env_dict())
+    # Set last, so that no `env` entry hides it: a helper that daemonizes (double fork,
+    # setsid) leaves the process group, and this marker is how llmuxd, its subreaper,
+    # knows whose it is when it stops the model (procs.strays).
+    env[MARKER] = spec.name
     return env
+
+
+MARKER = "LLMUX_MODEL"
+
+
+def marker(name: str) -> bytes:
+    return f"{MARKER}={name}".encode()
 
 
 def connect_host(spec) -> str:
@@ -90,6 +101,13 @@ def connect_host(spec) -> str:
 
 def log_path(daemon, name: str) -> str:
     return os.path.join(daemon.log_dir, f"{name}.log")
+
+
+def open_log(daemon, name: str, flags: int) -> int:
+    """The model's log file, never through a link (root appends to it, and anyone may
+    read it back with `llmuxctl logs`). Raises trust.Untrusted or OSError."""
+    from .trust import open_in
+    return open_in(daemon.log_dir, f"{name}.log", flags, "log_dir")
 
 
 def argv_hash(argv, env: dict[str, str]) -> str:

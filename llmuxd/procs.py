@@ -137,13 +137,14 @@ def io_uring_blocker():
 
 def spawn(argv: list[str], *, env: dict[str, str], log_path: str | None = None,
           cwd: str | None = None, new_session: bool = True,
-          capture: bool = False, no_io_uring: bool = False) -> tuple[Child, int | None]:
-    """Start a child: stdin /dev/null, stdout+stderr appended to log_path (or a pipe
-    when capture is set, whose read end is returned), own session and process group,
-    only fds 0-2 inherited, default signal dispositions. With no_io_uring, the
-    seccomp rule of checkpointable models (see seccomp.py) is installed in the
-    child just before exec. Raises OSError (also ValueError for no_io_uring on a
-    machine without a known syscall table)."""
+          capture: bool = False, log_fd: int | None = None,
+          no_io_uring: bool = False) -> tuple[Child, int | None]:
+    """Start a child: stdin /dev/null, stdout+stderr appended to log_path or to the
+    already opened log_fd (the caller keeps and closes it; model logs are opened
+    without following links, see trust.py), or a pipe when capture is set, whose read
+    end is returned; own session and process group, only fds 0-2 inherited, default
+    signal dispositions. With no_io_uring, the seccomp rule of checkpointable models
+    (see seccomp.py) is installed in the child just before exec. Raises OSError."""
     preexec = io_uring_blocker() if no_io_uring else None
     devnull = os.open(os.devnull, os.O_RDONLY)
     out_fd = read_fd = None
@@ -151,6 +152,8 @@ def spawn(argv: list[str], *, env: dict[str, str], log_path: str | None = None,
         if capture:
             read_fd, out_fd = os.pipe()
             os.set_blocking(read_fd, False)
+        elif log_fd is not None:
+            out_fd = os.dup(log_fd)
         elif log_path:
             out_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
         else:
@@ -202,6 +205,77 @@ def group_members(pgid: int) -> list[int]:
         if len(rest) > 2 and int(rest[2]) == pgid and rest[0] not in (b"Z", b"X"):
             members.append(int(name))
     return members
+
+
+def _stat_fields(pid: int) -> list[bytes] | None:
+    """state, ppid, pgid, ... of /proc/PID/stat (after the command name)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def strays(pid: int | None, pgid: int | None, marker: bytes, owned: Callable[[int], bool]) \
+        -> set[int]:
+    """What a model started that its process group no longer holds: descendants of its
+    main process in other groups (a helper that called setsid), and orphans the kernel
+    reparented to llmuxd, the subreaper (a double fork), whose environment carries the
+    model's marker, with their own descendants. Each of these is in llmuxd's tree, so
+    llmuxd started it; `owned`: PIDs llmuxd tracks itself (models, tools), never strays."""
+    roots, found = [], set()
+    if pid:
+        roots.append(pid)
+    me = os.getpid()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or owned(int(name)):
+            continue
+        rest = _stat_fields(int(name))
+        if not rest or len(rest) < 3 or rest[0] in (b"Z", b"X") or int(rest[1]) != me:
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if marker in env.split(b"\0"):
+            found.add(int(name))
+            roots.append(int(name))
+    for root in roots:
+        try:
+            for child in psutil.Process(root).children(recursive=True):
+                rest = _stat_fields(child.pid)
+                if rest and len(rest) > 2 and int(rest[2]) != pgid and not owned(child.pid):
+                    found.add(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def signal_strays(find: Callable[[], set[int]], sig: int) -> int:
+    """Signal what find() returns, through pidfds taken before a second find(): a PID
+    that exited and was reused between the scan and the signal is never hit."""
+    pidfds = {}
+    for pid in find():
+        try:
+            pidfds[pid] = os.pidfd_open(pid)
+        except OSError:
+            continue
+    sent = 0
+    try:
+        confirmed = find() if pidfds else set()
+        for pid, fd in pidfds.items():
+            if pid in confirmed:
+                try:
+                    signal.pidfd_send_signal(fd, sig)
+                    sent += 1
+                except OSError:
+                    pass
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+    return sent
 
 
 def kill_group(pgid: int, sig: int) -> bool:

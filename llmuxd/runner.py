@@ -194,7 +194,8 @@ class Runner:
         rt = self.d.runtimes[op.model]
         rt.extra["stop_requested"] = True
         if rt.pgid is not None:
-            if procs.kill_group(rt.pgid, op.signal) and op.signal == signal.SIGKILL:
+            # The group and what left it (a daemonized helper): all of it was started by us.
+            if self.d.signal_model(op.model, op.signal) and op.signal == signal.SIGKILL:
                 self.d.killed_any = True
             log.info("%s: sent %s to process group %d", op.model, signal.Signals(op.signal).name,
                      rt.pgid)
@@ -221,7 +222,9 @@ class Runner:
         def gone() -> bool:
             if rt.pid is not None and procs.is_alive(rt.pid):
                 return False
-            return rt.pgid is None or not procs.group_members(rt.pgid)
+            if rt.pgid is not None and procs.group_members(rt.pgid):
+                return False
+            return not self.d.strays(op.model)
 
         def check() -> None:
             self.d.reaper.reap()  # zombies of the group are ours as subreaper
