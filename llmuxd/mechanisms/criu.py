@@ -156,6 +156,10 @@ class CriuCheckpoint:
             if cuda_pids:
                 yield from resume(view, name, cuda_pids, best_effort=True)
             yield from nccl(view, name, "resume_nccl", best_effort=True)
+            if "Can't link remap" in errors:  # someone's link_remap.N holds the name CRIU needs
+                stale = yield from io("link_remaps")
+                errors += (f" (a link_remap file CRIU needs is taken: {', '.join(stale)}; not "
+                           "llmux's: remove it if no other CRIU image needs it)")
             raise StepFailed(f"{name}: criu dump failed ({_rc(result)}): {errors}")
         # CRIU killed the tree: wait until every process of it is reaped.
         if not (yield WaitGone(name, REAP_TIMEOUT)):
