@@ -27,6 +27,8 @@ def call(ctx: click.Context, obj: dict, timeout: float | None = 30.0, on_event=N
                 if not reply["ok"]:
                     click.echo(f"llmuxctl: {reply.get('error', 'failed')}", err=True)
                     ctx.exit(EXIT_FAILED)
+                if reply.get("warning"):
+                    click.echo(f"llmuxctl: warning: {reply['warning']}", err=True)
                 return reply
             if on_event is not None:
                 on_event(reply)

@@ -94,7 +94,7 @@ class Commands:
                 "config": {"path": d.config_path, "error": d.config_error},
                 "daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime": round(time.monotonic() - d.started, 3),
-                           "shutting_down": d.shutting_down}}
+                           "shutting_down": d.shutting_down, "state_error": d.state_error}}
 
     def cmd_swap(self, client, request) -> None:
         name = self._model(request)

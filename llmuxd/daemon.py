@@ -79,6 +79,7 @@ class Daemon:
         # State-file entries adoption has not settled yet, written back as they were.
         self.unadopted: dict[str, dict] = {}
         self.unadopted_active: str | None = None
+        self.state_error: str | None = None   # the last state-file write went wrong
         self.watcher = CatalogWatcher(self.config_path, self.reactor.wake)
         self.reactor.after_events.append(self.reconcile)
 
@@ -98,6 +99,7 @@ class Daemon:
         try:
             self.control.start()  # first: a live daemon on our socket is the likelier clash
             self.lock_fd = store.lock(d.state_dir)
+            store.keep_reserve(d.state_dir)
             stored = store.load(d.state_dir)
             log.info("llmuxd %d listening on %s with %d model(s)", os.getpid(), d.socket,
                      len(self.catalog.models))
@@ -178,10 +180,19 @@ class Daemon:
         self.save_state()
 
     def save_state(self) -> None:
+        """Persist; what went wrong stays in status (daemon.state_error) and in the
+        reply of the job that made the change, until a write succeeds with room to spare."""
+        state_dir = self.catalog.daemon.state_dir
         try:
-            store.save(self.catalog.daemon.state_dir, store.snapshot(self))
+            problem = store.save(state_dir, store.snapshot(self))
         except OSError as exc:
-            log.error("cannot write the state file: %s", exc)
+            problem = (f"cannot write the state file in state_dir {state_dir}: "
+                       f"{exc.strerror or exc}; a restarted llmuxd would not know this change")
+        if problem and problem != self.state_error:
+            log.error("%s", problem)
+        elif self.state_error and not problem:
+            log.info("state file written again")
+        self.state_error = problem
 
     def status_line(self) -> str:
         active = self.active()
@@ -216,6 +227,8 @@ class Daemon:
             reply = {"ok": job.ok, "model": job.model,
                      "elapsed": round(time.monotonic() - job.started, 3), "phases": job.phases}
             reply["message" if job.ok else "error"] = job.message
+            if self.state_error:
+                reply["warning"] = self.state_error
             if isinstance(job.result, dict):
                 reply[kind] = job.result
             for waiter in job.waiters:
