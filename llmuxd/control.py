@@ -39,6 +39,7 @@ class Client:
         self.closed = False
         self.close_when_flushed = False
         self.busy = False          # waiting on a job or following logs: not idle
+        self.on_drained: Callable[[], None] | None = None  # streaming: queue empty, send more
         self.last_active = time.monotonic()
         self.partial_since: float | None = None  # when an unfinished request line began
         try:
@@ -89,7 +90,10 @@ class Client:
             del self.out[:sent]
         if not self.closed:
             self.server.reactor.remove_writer(self.sock)
-            if self.close_when_flushed:
+            if self.on_drained is not None:
+                more, self.on_drained = self.on_drained, None
+                more()
+            if self.close_when_flushed and not self.out:
                 self.close()
 
     def on_readable(self) -> None:
