@@ -65,7 +65,8 @@ class Daemon:
         self.control = ControlServer(self.reactor, catalog.daemon.socket, catalog.daemon.socket_mode,
                                      self.commands.handle, group=self.access.socket_gid,
                                      max_clients=catalog.daemon.max_clients,
-                                     idle_timeout=catalog.daemon.client_timeout)
+                                     idle_timeout=catalog.daemon.client_timeout,
+                                     may_steer=lambda client: self.access.allows(client))
         self.control.on_close.append(self.commands.forget_client)
         self.job: Job | None = None
         self.shutting_down = False
