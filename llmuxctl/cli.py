@@ -32,6 +32,14 @@ def call(ctx: click.Context, obj: dict, timeout: float | None = 30.0, on_event=N
                 return reply
             if on_event is not None:
                 on_event(reply)
+    except KeyboardInterrupt:
+        if obj.get("cmd") not in ("swap", "sleep", "stop", "restart"):
+            raise
+        # The daemon does not cancel a job when its client goes: say so, not "Aborted!".
+        what = f"{obj['cmd']} {obj.get('model') or ''}".strip()
+        click.echo(f"\nllmuxctl: interrupted; the {what} goes on in llmuxd (follow it with "
+                   "`llmuxctl status`)", err=True)
+        ctx.exit(130)
     except Unreachable as exc:
         click.echo(f"llmuxctl: {exc}\n(is llmuxd running? pass --socket PATH or set LLMUX_SOCKET)",
                    err=True)
@@ -112,6 +120,14 @@ def reload(ctx: click.Context) -> None:
     """Re-read the catalog now."""
     reply = call(ctx, {"cmd": "reload"})
     click.echo(reply.get("message", "reloaded"))
+
+
+@main.command()
+@click.pass_context
+def shutdown(ctx: click.Context) -> None:
+    """Stop llmuxd, as SIGTERM would (its `shutdown` setting says what happens to models)."""
+    reply = call(ctx, {"cmd": "shutdown"})
+    click.echo(reply.get("message", "shutting down"))
 
 
 @main.command()

@@ -547,6 +547,9 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
     main = os.path.abspath(path)
     base = os.path.dirname(main)
     problems: list[str] = []
+    if not os.path.lexists(main):  # no line to point at: say where else it could be
+        return None, [f"{main}: no such file (pass --config PATH or set $LLMUX_CONFIG; "
+                      "etc/llmux.toml in the source tree shows every key)"]
     files = [main]
     dropin_dir = os.path.join(base, "models.d")
     if os.path.isdir(dropin_dir):

@@ -362,7 +362,11 @@ class Daemon:
         reason = procs.describe_exit(status, expected)
         rt.exit_reason, rt.pid = reason, None
         if expected:
-            log.info("%s: pid %d %s, as asked", name, child.pid, reason)
+            # Name what llmuxd sent: a server may die of another signal than the one asked
+            # (vLLM turns SIGTERM into SIGINT), and "killed by SIGINT, as asked" misleads.
+            sent = rt.extra.pop("signal_sent", None)
+            log.info("%s: pid %d %s%s", name, child.pid, reason,
+                     f" after llmuxd's {sent}" if sent else " (stopped by llmuxd)")
             return
         log.warning("%s: pid %d %s unexpectedly (state %s)", name, child.pid, reason, rt.state)
         if rt.state in (S.ACTIVE, S.SLEEPING, S.SUSPENDED):

@@ -179,6 +179,7 @@ class Runner:
     def _signal(self, job, op: SignalGroup):
         rt = self.d.runtimes[op.model]
         rt.extra["stop_requested"] = True
+        rt.extra["signal_sent"] = signal.Signals(op.signal).name
         if rt.pgid is not None:
             # The group and what left it (a daemonized helper): all of it was started by us.
             if self.d.signal_model(op.model, op.signal) and op.signal == signal.SIGKILL:

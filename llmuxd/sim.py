@@ -65,7 +65,9 @@ def parse_args(argv):
     s.add_argument("--fake-cuda-dir", default=os.environ.get("LLMUX_SIM_FAKE_CUDA_DIR") or None)
     s.add_argument("--cuda-mb", type=int, default=0)
     s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
-    e = sub.add_parser("engine", help=argparse.SUPPRESS)  # internal: the EngineCore child
+    # Internal (the EngineCore child). No help= at all: argparse lists every subcommand
+    # given one, and help=SUPPRESS prints "==SUPPRESS==" there.
+    e = sub.add_parser("engine")
     e.add_argument("--fd", type=int, required=True)
     e.add_argument("--config", required=True)
     args, unknown = top.parse_known_args(argv)
