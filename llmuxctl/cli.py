@@ -77,9 +77,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def swap(ctx: click.Context, model: str, force: bool, quiet: bool) -> None:
     """Make MODEL the active model; returns when it is active or the swap failed."""
+    last: dict = {}
+
     def show(event: dict) -> None:
-        if not quiet and event.get("event") == "progress":
+        if quiet or event.get("event") not in ("progress", "waiting"):
+            return
+        if event["event"] == "waiting":
             click.echo(render.progress(event))
+            return
+        click.echo(render.progress(event, last.get("phase")))
+        last["phase"] = event
     reply = call(ctx, {"cmd": "swap", "model": model, "force": force}, timeout=None, on_event=show)
     click.echo(f"{reply.get('message', model + ' is active')} ({reply.get('elapsed', 0):.2f}s)")
 

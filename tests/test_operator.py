@@ -52,3 +52,12 @@ def test_llmuxctl_shutdown_stops_the_daemon(make_daemon):
     r = d.ctl("shutdown")
     assert r.returncode == 0, r.stderr
     wait_for(lambda: d.proc.poll() is not None, what="llmuxd to exit")
+
+
+def test_long_start_shows_elapsed_time_and_the_latest_log_line(make_daemon):
+    d = make_daemon({"a": {"args": ["--start-delay", "6"]}})
+    r = d.ctl("swap", "a")
+    assert r.returncode == 0, r.stderr
+    waiting = [ln for ln in r.stdout.splitlines() if "still waiting" in ln]
+    assert waiting and "log: " in waiting[0], r.stdout
+    assert "(start took " in r.stdout
