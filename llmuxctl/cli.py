@@ -27,11 +27,21 @@ def call(ctx: click.Context, obj: dict, timeout: float | None = 30.0, on_event=N
                 if not reply["ok"]:
                     click.echo(f"llmuxctl: {reply.get('error', 'failed')}", err=True)
                     ctx.exit(EXIT_FAILED)
+                if reply.get("warning"):
+                    click.echo(f"llmuxctl: warning: {reply['warning']}", err=True)
                 return reply
             if reply.get("event") == "warning":  # a degraded result: never silent
                 click.echo(f"llmuxctl: warning: {reply.get('text')}", err=True)
             elif on_event is not None:
                 on_event(reply)
+    except KeyboardInterrupt:
+        if obj.get("cmd") not in ("swap", "sleep", "stop", "restart"):
+            raise
+        # The daemon does not cancel a job when its client goes: say so, not "Aborted!".
+        what = f"{obj['cmd']} {obj.get('model') or ''}".strip()
+        click.echo(f"\nllmuxctl: interrupted; the {what} goes on in llmuxd (follow it with "
+                   "`llmuxctl status`)", err=True)
+        ctx.exit(130)
     except Unreachable as exc:
         click.echo(f"llmuxctl: {exc}\n(is llmuxd running? pass --socket PATH or set LLMUX_SOCKET)",
                    err=True)
@@ -69,9 +79,16 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def swap(ctx: click.Context, model: str, force: bool, quiet: bool) -> None:
     """Make MODEL the active model; returns when it is active or the swap failed."""
+    last: dict = {}
+
     def show(event: dict) -> None:
-        if not quiet and event.get("event") == "progress":
+        if quiet or event.get("event") not in ("progress", "waiting"):
+            return
+        if event["event"] == "waiting":
             click.echo(render.progress(event))
+            return
+        click.echo(render.progress(event, last.get("phase")))
+        last["phase"] = event
     reply = call(ctx, {"cmd": "swap", "model": model, "force": force}, timeout=None, on_event=show)
     click.echo(f"{reply.get('message', model + ' is active')} ({reply.get('elapsed', 0):.2f}s)")
 
@@ -112,6 +129,14 @@ def reload(ctx: click.Context) -> None:
     """Re-read the catalog now."""
     reply = call(ctx, {"cmd": "reload"})
     click.echo(reply.get("message", "reloaded"))
+
+
+@main.command()
+@click.pass_context
+def shutdown(ctx: click.Context) -> None:
+    """Stop llmuxd, as SIGTERM would (its `shutdown` setting says what happens to models)."""
+    reply = call(ctx, {"cmd": "shutdown"})
+    click.echo(reply.get("message", "shutting down"))
 
 
 @main.command()

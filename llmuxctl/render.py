@@ -52,8 +52,16 @@ def status_table(status: dict, colour: bool) -> str:
     return "\n".join(lines + [""] + footer)
 
 
-def progress(event: dict) -> str:
-    return f"[{event.get('elapsed', 0):7.2f}s] {event.get('model', '')}: {event.get('phase', '')}"
+def progress(event: dict, previous: dict | None = None) -> str:
+    """A phase line; with the previous phase's event, how long that one took."""
+    line = f"[{event.get('elapsed', 0):7.2f}s] {event.get('model', '')}: {event.get('phase', '')}"
+    if event.get("event") == "waiting":
+        log = " ".join(str(event.get("log") or "").split())
+        return f"{line} ... still waiting" + (f"; log: {log[:120]}" if log else "")
+    if previous is not None:
+        took = event.get("elapsed", 0) - previous.get("elapsed", 0)
+        line += f"   ({previous.get('phase')} took {took:.2f}s)"
+    return line
 
 
 def _io_uring(facts: dict) -> str:

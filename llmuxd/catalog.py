@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shlex
+import stat
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
@@ -341,6 +342,11 @@ _MODEL_KEYS: dict[str, _Conv] = {
     "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)"),
     "checkpoint_sleep": partial(_integer, lo=0, hi=2)}
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# The catalog is parsed on the loop's thread (a reload): bound what one parse may cost.
+# tomlkit needs ~0.6 ms a model; these limits keep a reload well under a second.
+MAX_MODELS = 1000
+MAX_FILE_BYTES = 1 << 20
+_TABLE = re.compile(rb"^[ \t]*\[", re.M)
 
 
 # ---------------------------------------------------------------- line locator
@@ -450,13 +456,27 @@ class _File:
     def error(self, path: tuple[str, ...], message: str) -> None:
         self.problems.append(f"{self.where(path)}: {message}")
 
-    def read(self) -> tuple[dict[str, Any], Any] | None:
-        """Read and parse the file; (plain dict, tomlkit document) or None after an error."""
+    def read(self, max_tables: int = MAX_MODELS + 2) -> tuple[dict[str, Any], Any] | None:
+        """Read and parse the file; (plain dict, tomlkit document) or None after an error.
+        Only a regular file is read (a FIFO would block the loop), and only a bounded one."""
         try:
-            with open(self.path, "rb") as f:
-                data = f.read()
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    self.problems.append(f"{self.path}:0: not a regular file")
+                    return None
+                data = f.read(MAX_FILE_BYTES + 1)
         except OSError as e:
             self.problems.append(f"{self.path}:0: cannot read: {e.strerror or e}")
+            return None
+        if len(data) > MAX_FILE_BYTES:
+            self.problems.append(f"{self.path}:0: larger than {MAX_FILE_BYTES} bytes; split the "
+                                 "catalog or trim it")
+            return None
+        tables = len(_TABLE.findall(data))  # counted before the (slow) parse
+        if tables > max_tables:
+            self.problems.append(f"{self.path}:0: too many models (at most {MAX_MODELS} in the "
+                                 "catalog and its drop-ins)")
             return None
         try:
             text = data.decode("utf-8")
@@ -616,6 +636,9 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
     main = os.path.abspath(path)
     base = os.path.dirname(main)
     problems: list[str] = []
+    if not os.path.lexists(main):  # no line to point at: say where else it could be
+        return None, [f"{main}: no such file (pass --config PATH or set $LLMUX_CONFIG; "
+                      "etc/llmux.toml in the source tree shows every key)"]
     files = [main]
     dropin_dir = os.path.join(base, "models.d")
     if os.path.isdir(dropin_dir):
@@ -631,9 +654,14 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
     aliases: dict[str, tuple[str, str]] = {}  # alias -> (model, FILE:LINE)
     daemon = DaemonSettings()
     main_file = None
+    if len(files) > MAX_MODELS + 1:
+        problems.append(f"{dropin_dir}:0: too many drop-ins ({len(files) - 1}; at most "
+                        f"{MAX_MODELS})")
+        files = files[:1]
     for name in files:
         f = _File(name, problems)
-        parsed = f.read()
+        # The main file may hold [daemon] tables as well as models.
+        parsed = f.read(MAX_MODELS - len(seen) + (8 if name == main else 0))
         if parsed is None:
             continue
         plain, doc = parsed
@@ -647,6 +675,8 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
                     f.error((key,), f"{_dotted((key,))}: a drop-in may only define "
                                     "[models.NAME] tables")
         _models(f, plain, base, seen, ports, models, aliases)
+    if len(seen) > MAX_MODELS:
+        problems.append(f"{main}:0: too many models ({len(seen)}; at most {MAX_MODELS})")
     if daemon.default_model is not None and daemon.default_model not in seen:
         where = main_file.where(("daemon", "default_model")) if main_file else f"{main}:0"
         problems.append(f"{where}: daemon.default_model: no model named "

@@ -21,6 +21,8 @@ from .swap import restart_plan, sleep_plan, stop_plan, swap_plan
 log = logging.getLogger(__name__)
 FOLLOW_POLL = 0.2
 MAX_TAIL = 10_000
+STREAM_CHUNK = 64 * 1024    # log text per event
+STREAM_QUEUE = 256 * 1024   # queued log text per client before we wait for it to read
 
 
 class CommandError(Exception):
@@ -97,7 +99,7 @@ class Commands:
                 "config": {"path": d.config_path, "error": d.config_error},
                 "daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime": round(time.monotonic() - d.started, 3),
-                           "shutting_down": d.shutting_down}}
+                           "shutting_down": d.shutting_down, "state_error": d.state_error}}
 
     def cmd_swap(self, client, request) -> None:
         name = self._model(request)
@@ -160,14 +162,24 @@ class Commands:
         path = launch.log_path(self.d.catalog.daemon, name)
         fd = self._open_log(name)
         text, offset = tail(fd, lines) if fd is not None else ("", 0)
-        if not request.get("follow"):
+        if fd is None:
+            # An empty answer reads as a broken command; say why there is nothing.
+            text = f"(no log yet: {name} has never been started; {path} does not exist)\n" \
+                if lines else ""
+        follow = bool(request.get("follow"))
+        if not follow and len(text) <= STREAM_CHUNK:
             client.finish({"ok": True, "model": name, "path": path, "text": text})
             return
         client.busy = True
-        client.send({"event": "log", "model": name, "text": text})
-        self.followers[client] = [name, offset]
-        if self._follow_timer is None:
-            self._follow_timer = self.d.reactor.call_later(FOLLOW_POLL, self._follow)
+
+        def sent() -> None:
+            if not follow:
+                client.finish({"ok": True, "model": name, "path": path, "text": ""})
+                return
+            self.followers[client] = [name, offset]
+            if self._follow_timer is None:
+                self._follow_timer = self.d.reactor.call_later(FOLLOW_POLL, self._follow)
+        stream(client, name, text, sent)
 
     def _open_log(self, name: str) -> int | None:
         """The log read back to any client: never through a link (it could point
@@ -200,6 +212,8 @@ class Commands:
                     data = f.read(256 * 1024)
             except OSError:
                 continue
+            if len(client.out) > STREAM_QUEUE:
+                continue  # a slow reader: read on once it has caught up, never queue more
             if data:
                 entry[1] = offset + len(data)
                 client.send({"event": "log", "text": data.decode("utf-8", "replace")})
@@ -208,6 +222,27 @@ class Commands:
 
     def forget_client(self, client) -> None:
         self.followers.pop(client, None)
+
+
+def stream(client, name: str, text: str, done) -> None:
+    """Send text as log events, at most STREAM_QUEUE bytes queued at a time (the client's
+    queue is capped at 1 MiB, and `logs -n 10000` may be several), then call done()."""
+    chunks = []
+    while text:
+        cut = text.rfind("\n", 0, STREAM_CHUNK) + 1 or STREAM_CHUNK
+        chunks.append(text[:cut])
+        text = text[cut:]
+    chunks.reverse()
+
+    def pump() -> None:
+        while chunks and not client.closed:
+            client.send({"event": "log", "model": name, "text": chunks.pop()})
+            if len(client.out) > STREAM_QUEUE:
+                client.on_drained = pump  # control.Client calls it once the queue is sent
+                return
+        if not client.closed:
+            done()
+    pump()
 
 
 def tail(fd: int, lines: int) -> tuple[str, int]:

@@ -39,6 +39,7 @@ class Client:
         self.closed = False
         self.close_when_flushed = False
         self.busy = False          # waiting on a job or following logs: not idle
+        self.on_drained: Callable[[], None] | None = None  # streaming: queue empty, send more
         self.last_active = time.monotonic()
         self.partial_since: float | None = None  # when an unfinished request line began
         try:
@@ -89,7 +90,10 @@ class Client:
             del self.out[:sent]
         if not self.closed:
             self.server.reactor.remove_writer(self.sock)
-            if self.close_when_flushed:
+            if self.on_drained is not None:
+                more, self.on_drained = self.on_drained, None
+                more()
+            if self.close_when_flushed and not self.out:
                 self.close()
 
     def on_readable(self) -> None:
@@ -133,9 +137,15 @@ class Client:
 class ControlServer:
     def __init__(self, reactor, path: str, mode: int,
                  on_request: Callable[[Client, bytes], None], group: int | None = None,
-                 max_clients: int = 512, idle_timeout: float = 60.0) -> None:
+                 max_clients: int = 512, idle_timeout: float = 60.0,
+                 may_steer: Callable[[Client], bool] = lambda client: True) -> None:
         self.reactor = reactor
         self.max_clients = max_clients
+        # Read-only clients never get the last slots, and no uid but root's may hold more
+        # than a quarter: anyone may connect, so anyone could otherwise lock root out.
+        self.reserved = max(1, max_clients // 8)
+        self.per_uid = max(1, max_clients // 4)
+        self.may_steer = may_steer
         self.idle_timeout = idle_timeout               # no request for this long: closed
         self.request_timeout = min(10.0, idle_timeout)  # a started line must end this soon
         self.path = path
@@ -194,9 +204,10 @@ class ControlServer:
                 return
             conn.setblocking(False)
             client = Client(self, conn)
-            if len(self.clients) >= self.max_clients:
-                log.warning("refusing %r: %d clients already", client, len(self.clients))
-                client.send({"ok": False, "error": f"too many clients (limit {self.max_clients})"})
+            refusal = self._refusal(client)
+            if refusal:
+                log.warning("refusing %r: %s", client, refusal)
+                client.send({"ok": False, "error": refusal})
                 client.close()
                 continue
             self.clients.add(client)
@@ -204,6 +215,18 @@ class ControlServer:
             if not self._sweeping:  # an idle daemon with no clients has no timer to run
                 self._sweeping = True
                 self.reactor.call_later(min(1.0, self.request_timeout / 2), self._sweep_timer)
+
+    def _refusal(self, client: Client) -> str | None:
+        if len(self.clients) >= self.max_clients:
+            return f"too many clients (limit {self.max_clients})"
+        if client.peer_uid in (0, os.geteuid()):
+            return None
+        same_uid = sum(1 for c in self.clients if c.peer_uid == client.peer_uid)
+        if same_uid >= self.per_uid:
+            return f"too many clients of uid {client.peer_uid} (limit {self.per_uid})"
+        if len(self.clients) >= self.max_clients - self.reserved and not self.may_steer(client):
+            return f"too many clients (the last {self.reserved} are kept for those who may steer)"
+        return None
 
     def _sweep_timer(self) -> None:
         now = time.monotonic()

@@ -67,7 +67,8 @@ class Daemon:
         self.control = ControlServer(self.reactor, catalog.daemon.socket, catalog.daemon.socket_mode,
                                      self.commands.handle, group=self.access.socket_gid,
                                      max_clients=catalog.daemon.max_clients,
-                                     idle_timeout=catalog.daemon.client_timeout)
+                                     idle_timeout=catalog.daemon.client_timeout,
+                                     may_steer=lambda client: self.access.allows(client))
         self.control.on_close.append(self.commands.forget_client)
         self.front = Front(self) if catalog.daemon.front.listen else None
         self.job: Job | None = None
@@ -82,6 +83,7 @@ class Daemon:
         # State-file entries adoption has not settled yet, written back as they were.
         self.unadopted: dict[str, dict] = {}
         self.unadopted_active: str | None = None
+        self.state_error: str | None = None   # the last state-file write went wrong
         self.watcher = CatalogWatcher(self.config_path, self.reactor.wake)
         self.reactor.after_events.append(self.reconcile)
 
@@ -101,6 +103,7 @@ class Daemon:
         try:
             self.control.start()  # first: a live daemon on our socket is the likelier clash
             self.lock_fd = store.lock(d.state_dir)
+            store.keep_reserve(d.state_dir)
             if self.front is not None:
                 self.front.start()
             stored = store.load(d.state_dir)
@@ -185,10 +188,19 @@ class Daemon:
         self.save_state()
 
     def save_state(self) -> None:
+        """Persist; what went wrong stays in status (daemon.state_error) and in the
+        reply of the job that made the change, until a write succeeds with room to spare."""
+        state_dir = self.catalog.daemon.state_dir
         try:
-            store.save(self.catalog.daemon.state_dir, store.snapshot(self))
+            problem = store.save(state_dir, store.snapshot(self))
         except OSError as exc:
-            log.error("cannot write the state file: %s", exc)
+            problem = (f"cannot write the state file in state_dir {state_dir}: "
+                       f"{exc.strerror or exc}; a restarted llmuxd would not know this change")
+        if problem and problem != self.state_error:
+            log.error("%s", problem)
+        elif self.state_error and not problem:
+            log.info("state file written again")
+        self.state_error = problem
 
     def status_line(self) -> str:
         active = self.active()
@@ -225,6 +237,8 @@ class Daemon:
             reply["message" if job.ok else "error"] = job.message
             if job.warnings:
                 reply["warnings"] = list(job.warnings)
+            if self.state_error:
+                reply["warning"] = self.state_error
             if isinstance(job.result, dict):
                 reply[kind] = job.result
             for waiter in job.waiters:
@@ -364,7 +378,11 @@ class Daemon:
         reason = procs.describe_exit(status, expected)
         rt.exit_reason, rt.pid = reason, None
         if expected:
-            log.info("%s: pid %d %s, as asked", name, child.pid, reason)
+            # Name what llmuxd sent: a server may die of another signal than the one asked
+            # (vLLM turns SIGTERM into SIGINT), and "killed by SIGINT, as asked" misleads.
+            sent = rt.extra.pop("signal_sent", None)
+            log.info("%s: pid %d %s%s", name, child.pid, reason,
+                     f" after llmuxd's {sent}" if sent else " (stopped by llmuxd)")
             return
         log.warning("%s: pid %d %s unexpectedly (state %s)", name, child.pid, reason, rt.state)
         if rt.state in (S.ACTIVE, S.SLEEPING, S.SUSPENDED):

@@ -60,6 +60,8 @@ class LineBuffer:
             nl = self._buf.find(b"\n")
             if nl < 0:
                 break
+            if nl > self._limit:  # a line that arrived whole in one read is still too long
+                raise ProtocolError(f"request line longer than {self._limit} bytes")
             lines.append(bytes(self._buf[:nl]))
             del self._buf[: nl + 1]
         if len(self._buf) > self._limit:

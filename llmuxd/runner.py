@@ -22,10 +22,12 @@ from . import states as S
 from .actions import (CheckExited, CheckPort, Degraded, Http, InFlight, Io, IoFailed, Now, Pause,
                       Phase, RunTool, RunTools, SignalGroup, Spawn, StepFailed, ToolResult,
                       Transition, WaitGone)
+from .commands import tail
 from .http import HttpCall
 
 log = logging.getLogger(__name__)
 PENDING = object()
+WAITING_EVERY = 5.0  # seconds between "still waiting" events of one long phase
 GONE_POLL = 0.02  # a /proc scan for the group: swaps wait on it, so poll briskly
 
 
@@ -147,6 +149,8 @@ class Runner:
         if job.kind == "shutdown":  # tell systemd a long stop or dump is progress, not a hang
             self.d.notifier.extend_timeout(self.d.catalog.daemon.stop_timeout + 60)
         failpoint(f"{op.name}:{op.model}", op.name)
+        if job.waiters and op.model in self.d.runtimes:
+            self.d.reactor.call_later(WAITING_EVERY, lambda: self._waiting(job, len(job.phases)))
         return None
 
     def _degraded(self, job, op: Degraded):
@@ -156,6 +160,23 @@ class Runner:
         for client in job.waiters:
             client.send(event)
         return None
+
+    def _waiting(self, job, phases: int) -> None:
+        """A long phase (a 10-minute vLLM start): tell the waiting clients how long it has
+        been, with the model's latest log line (vLLM logs its loading progress there)."""
+        if job.ok is not None or len(job.phases) != phases or not job.waiters:
+            return  # finished, or on to the next phase (which has its own timer)
+        _, phase, model = job.phases[-1]
+        try:
+            fd = launch.open_log(self.d.catalog.daemon, model, os.O_RDONLY)
+            line = tail(fd, 1)[0].strip()[-300:]
+        except OSError:  # trust.Untrusted included: then no line at all
+            line = ""
+        event = {"event": "waiting", "phase": phase, "model": model,
+                 "elapsed": round(time.monotonic() - job.started, 3), "log": line}
+        for client in job.waiters:
+            client.send(event)
+        self.d.reactor.call_later(WAITING_EVERY, lambda: self._waiting(job, phases))
 
     def _transition(self, job, op: Transition):
         rt = self.d.runtimes[op.model]
@@ -193,6 +214,7 @@ class Runner:
     def _signal(self, job, op: SignalGroup):
         rt = self.d.runtimes[op.model]
         rt.extra["stop_requested"] = True
+        rt.extra["signal_sent"] = signal.Signals(op.signal).name
         if rt.pgid is not None:
             # The group and what left it (a daemonized helper): all of it was started by us.
             if self.d.signal_model(op.model, op.signal) and op.signal == signal.SIGKILL:

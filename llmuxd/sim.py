@@ -69,7 +69,9 @@ def parse_args(argv):
     s.add_argument("--no-io-uring", action="store_true", help="open no io_uring instance")
     s.add_argument("--no-loky-semaphore", action="store_true",
                    help="create no named semaphore in /dev/shm")
-    e = sub.add_parser("engine", help=argparse.SUPPRESS)  # internal: the EngineCore child
+    # Internal (the EngineCore child). No help= at all: argparse lists every subcommand
+    # given one, and help=SUPPRESS prints "==SUPPRESS==" there.
+    e = sub.add_parser("engine")
     e.add_argument("--fd", type=int, required=True)
     e.add_argument("--config", required=True)
     args, unknown = top.parse_known_args(argv)

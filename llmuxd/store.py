@@ -59,8 +59,59 @@ def snapshot(daemon) -> dict:
             "resume": daemon.resume, "models": models}
 
 
-def save(state_dir: str, data: dict) -> None:
-    os.makedirs(state_dir, exist_ok=True)
+RESERVE = ".reserve"
+RESERVE_BYTES = 1 << 20  # room for the state file of a large catalog (~1 KiB a model)
+
+
+def keep_reserve(state_dir: str) -> bool:
+    """Hold space for the state file while the disk has it: a full state_dir must
+    not lose what a restarted llmuxd needs to adopt the models (see save).
+    False when there is no reserve and no room for one."""
+    path = os.path.join(state_dir, RESERVE)
+    if os.path.exists(path):
+        return True
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return False
+    try:
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            for _ in range(RESERVE_BYTES // 65536):  # a file system without fallocate
+                os.write(fd, bytes(65536))
+        return True
+    except OSError:
+        os.unlink(path)  # no room for it now: the next successful save tries again
+        return False
+    finally:
+        os.close(fd)
+
+
+def save(state_dir: str, data: dict) -> str | None:
+    """Write the state file; on a full disk, spend the reserve on it. Returns a warning
+    when the reserve was needed; raises OSError when the file could not be written."""
+    try:
+        _write(state_dir, data)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        try:
+            os.unlink(os.path.join(state_dir, RESERVE))
+        except FileNotFoundError:
+            raise exc from None
+        _write(state_dir, data)
+        return (f"state_dir {state_dir} is full ({exc.strerror}): the state file was written "
+                "into llmuxd's reserve; free space there")
+    if not keep_reserve(state_dir):
+        return (f"state_dir {state_dir} is full: the state file was written, but the next "
+                "change may not be; free space there")
+    return None
+
+
+def _write(state_dir: str, data: dict) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".state.", dir=state_dir)
     try:
         with os.fdopen(fd, "w") as f:

@@ -14,7 +14,7 @@ tests drive them with tables of (operation, result) pairs.
 from __future__ import annotations
 
 from . import states as S
-from .actions import Degraded, InFlight, Now, Pause, Phase, Refused, StepFailed, Transition
+from .actions import CheckPort, Degraded, InFlight, Now, Pause, Phase, Refused, StepFailed, Transition
 from .mechanisms import mechanism_for
 from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
 
@@ -90,6 +90,13 @@ def swap_plan(view: View, target: str, force: bool = False) -> Plan:
     if view.runtimes[target].state == S.ACTIVE:
         return f"{target} is already active"
     previous = None
+    evicting = [n for n in holders(view, exclude=target) if view.runtimes[n].state == S.ACTIVE]
+    if evicting and view.runtimes[target].state in (S.STOPPED, S.FAILED):
+        # A cold start would be refused for a taken port: say so before anything changes.
+        holder = yield CheckPort(target)
+        if holder is not None:
+            raise StepFailed(f"{target}: port {spec_of(view, target).port} is already in use by "
+                             f"{holder}; nothing changed ({evicting[0]} is still active)")
     for name in holders(view, exclude=target):
         if view.runtimes[name].state == S.ACTIVE:
             previous = name

@@ -2,9 +2,9 @@
 
 It watches the catalog's directory (editors save by writing a new file and
 renaming it over the old one, which a watch on the file itself would miss) and
-`models.d/`, and reports only changes to the catalog file or to drop-ins. The
-thread never touches daemon state: it sets a flag and writes a byte to the
-reactor's wakeup socket; the loop thread re-reads the catalog.
+`models.d/` (from whenever it appears), and reports only changes to the catalog
+file or to drop-ins. The thread never touches daemon state: it sets a flag and
+writes a byte to the reactor's wakeup socket; the loop thread re-reads the catalog.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # wakeups a second and applies an edit within 240 ms (measured: benchmarks/).
 DEBOUNCE_MS = 50
 STEP_MS = 120
+RECHECK_MS = 1000
 
 
 class CatalogWatcher:
@@ -36,7 +37,7 @@ class CatalogWatcher:
 
     def wanted(self, change, path: str) -> bool:
         path = os.path.abspath(path)
-        if path == self.config_path:
+        if path in (self.config_path, self.dropins):  # models.d itself: created or removed
             return True
         return os.path.dirname(path) == self.dropins and path.endswith(".toml")
 
@@ -45,17 +46,37 @@ class CatalogWatcher:
         self._thread.start()
 
     def _run(self) -> None:
-        try:
-            # Not recursive: the state directory may live beside the catalog and
-            # changes all the time (logs); models.d must exist when llmuxd starts.
-            paths = [self.directory] + ([self.dropins] if os.path.isdir(self.dropins) else [])
-            for _ in watchfiles.watch(*paths, watch_filter=self.wanted, debounce=DEBOUNCE_MS,
-                                      step=STEP_MS, stop_event=self._stop,
-                                      raise_interrupt=False, recursive=False):
-                self.changed.set()
-                self._wake()
-        except Exception as exc:  # e.g. the directory vanished: reload by HUP still works
-            log.error("catalog watcher stopped: %s", exc)
+        # Not recursive: the state directory may live beside the catalog and changes
+        # all the time (logs). models.d is watched as well when it exists; when it
+        # appears or goes, the watch starts again with or without it.
+        rewatched = False
+        while not self._stop.is_set():
+            has_dropins = os.path.isdir(self.dropins)
+            paths = [self.directory] + ([self.dropins] if has_dropins else [])
+            try:
+                # yield_on_timeout: an empty set about once a second, to notice models.d
+                # appearing, and to reload once the new watch is live (a drop-in
+                # written while the watch restarted is not missed).
+                for changes in watchfiles.watch(*paths, watch_filter=self.wanted,
+                                                debounce=DEBOUNCE_MS, step=STEP_MS,
+                                                stop_event=self._stop, raise_interrupt=False,
+                                                recursive=False, yield_on_timeout=True,
+                                                rust_timeout=RECHECK_MS):
+                    if changes or rewatched:
+                        rewatched = False
+                        self.changed.set()
+                        self._wake()
+                    if os.path.isdir(self.dropins) != has_dropins:
+                        rewatched = True
+                        break
+                else:
+                    return  # stopped
+            except Exception as exc:  # e.g. the directory vanished: reload by HUP still works
+                if os.path.isdir(self.dropins) != has_dropins:
+                    rewatched = True
+                    continue  # models.d removed under the watch
+                log.error("catalog watcher stopped: %s", exc)
+                return
 
     def stop(self) -> None:
         self._stop.set()

@@ -89,7 +89,7 @@ def test_level1_swap_sleeps_then_wakes_in_order():
 
 def test_level5_active_is_stopped_and_gone_before_target_starts():
     view = FakeView(CAT, {"c": S.ACTIVE})
-    table = drain_idle("c") + stop_clean("c") + cold_start("a")
+    table = [(CheckPort("a"), None)] + drain_idle("c") + stop_clean("c") + cold_start("a")
     outcome, _, _ = run_table(view, swap_plan(view, "a"), table)
     assert outcome == "ok"
     assert view.states() == {"a": "active", "b": "stopped", "c": "stopped"}
@@ -97,7 +97,7 @@ def test_level5_active_is_stopped_and_gone_before_target_starts():
 
 def test_failed_sleep_escalates_to_stop_and_swap_goes_on():
     view = FakeView(CAT, {"a": S.ACTIVE})
-    table = drain_idle("a") + [
+    table = [(CheckPort("c"), None)] + drain_idle("a") + [
         (T("a", S.GOING_TO_SLEEP), None),
         (Http("a", "POST", "/sleep?level=1", timeout=120.0), HttpResult(500, b"boom")),
         (Degraded("a", "a could not reach sleep level 1 (a: POST /sleep?level=1 failed: HTTP 500: "
@@ -111,7 +111,7 @@ def test_failed_sleep_escalates_to_stop_and_swap_goes_on():
 
 def test_sleep_that_answers_200_but_stays_awake_escalates():
     view = FakeView(CAT, {"a": S.ACTIVE})
-    table = drain_idle("a") + [
+    table = [(CheckPort("c"), None)] + drain_idle("a") + [
         (T("a", S.GOING_TO_SLEEP), None), (Http, OK), (CheckExited("a"), None),
         (is_sleeping("a"), AWAKE), (Degraded, None)] + stop_clean("a", error="still awake") \
         + cold_start("c")
@@ -146,7 +146,7 @@ def test_drain_timeout_changes_nothing_unless_forced():
 
 def test_failed_start_stops_target_and_rolls_back_to_previous():
     view = FakeView(CAT, {"a": S.ACTIVE})
-    table = drain_idle("a") + sleep_ok("a", 1) + [
+    table = [(CheckPort("c"), None)] + drain_idle("a") + sleep_ok("a", 1) + [
         (CheckPort("c"), None), (T("c", S.STARTING), None), (Spawn("c"), None),
         (CheckExited("c"), "exited with status 1"),
     ] + stop_clean("c", final=S.FAILED) + [
@@ -244,7 +244,8 @@ def test_transition_table_refuses_illegal_edges_and_keeps_state():
 
 def test_active_model_that_dies_while_draining_is_cleaned_up_and_the_swap_goes_on():
     view = FakeView(CAT, {"a": S.ACTIVE})
-    table = [(T("a", S.DRAINING), None), (CheckExited("a"), "killed by SIGKILL"),
+    table = [(CheckPort("c"), None), (T("a", S.DRAINING), None),
+             (CheckExited("a"), "killed by SIGKILL"),
              (T("a", S.STOPPING), None), (SignalGroup("a", signal.SIGKILL), None),
              (WaitGone("a", 10.0), True), (T("a", S.STOPPED, "exited while draining"), None)
              ] + cold_start("c")
@@ -268,3 +269,12 @@ def test_a_model_left_starting_is_stopped_before_another_starts():
     table = [(T("a", S.STOPPING), None), (SignalGroup("a", signal.SIGKILL), None),
              (WaitGone("a", 10.0), True), (T("a", S.STOPPED), None)] + cold_start("c")
     assert run_table(view, swap_plan(view, "c"), table)[0] == "ok"
+
+
+def test_port_taken_is_checked_before_the_active_model_is_evicted():
+    view = FakeView(CAT, {"a": S.ACTIVE})
+    table = [(CheckPort("c"), "pid 4242 (python3)")]
+    outcome, message, _ = run_table(view, swap_plan(view, "c"), table)
+    assert outcome == "failed" and "already in use by pid 4242" in message
+    assert "nothing changed" in message
+    assert view.states()["a"] == "active" and view.states()["c"] == "stopped"
