@@ -23,7 +23,7 @@ import time
 
 import psutil
 
-from . import procs, seccomp
+from . import procs, seccomp, trust
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -97,6 +97,8 @@ def prepare_images(d, name: str) -> str:
     """A fresh, empty directory for a dump; earlier partial dumps of this model go."""
     base = _images_dir(d)
     os.makedirs(base, mode=0o700, exist_ok=True)
+    # A restore runs what the images say as root: the folder must be ours alone.
+    trust.check_dir(base, "images_dir")
     for old in glob.glob(os.path.join(base, f"{name}.partial-*")):
         delete_images(d, old)
     path = os.path.join(base, f"{name}.partial-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -121,6 +123,8 @@ def commit_images(d, name: str, tmp: str, manifest: dict) -> dict:
 def read_manifest(d, path: str | None) -> dict:
     if not path:
         raise ValueError("no checkpoint images recorded")
+    trust.check_dir(os.path.dirname(path.rstrip("/")), "images_dir")
+    trust.check_dir(path, "checkpoint images")
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)

@@ -201,3 +201,16 @@ def test_last_error_has_its_time_and_clears_once_healthy_again(make_daemon, tmp_
     assert d.status()["models"]["a"]["last_error"]
     wait_for(lambda: d.status()["models"]["a"]["last_error"] is None, timeout=15,
              what="last_error cleared by health checks")
+
+
+@needs_criu
+def test_images_dir_someone_else_can_write_is_never_used(make_daemon, tmp_path):
+    images = tmp_path / "foreign-images"
+    images.mkdir()
+    os.chown(images, 65534, 65534)  # nobody's: a restore would run what nobody wrote
+    d = make_daemon({"a": {"sleep_level": 4}, "b": {}},
+                    {"checkpoint": {"criu_path": CRIU, "images_dir": str(images)}})
+    assert d.swap("a")["ok"]
+    reply = d.swap("b")
+    assert reply["ok"] and "images_dir" in " ".join(reply.get("warnings", []))
+    assert d.status()["models"]["a"]["state"] == "stopped" and list(images.iterdir()) == []
