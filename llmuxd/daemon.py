@@ -185,10 +185,14 @@ class Daemon:
         return f"active: {active}" if active else "no active model"
 
     def active(self) -> str | None:
-        for name, rt in self.runtimes.items():
-            if rt.state == S.ACTIVE:
-                return name
-        return None
+        """The most recently activated model (v1 clients read `active`; `resident` has all)."""
+        resident = self.resident()
+        return max(resident, key=lambda n: self.runtimes[n].since) if resident else None
+
+    def resident(self) -> list[str]:
+        """Every active model, least recently activated first."""
+        return sorted((n for n, rt in self.runtimes.items() if rt.state == S.ACTIVE),
+                      key=lambda n: self.runtimes[n].since)
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:

@@ -1,0 +1,51 @@
+"""Black-box: the real llmuxd and llmux-sim models that declare sizes stay resident together."""
+from __future__ import annotations
+
+import signal
+
+from .test_daemon import complete
+
+G = 2**30
+
+
+def test_two_resident_then_a_third_evicts_the_lru(make_daemon):
+    models = {n: {"sleep_level": 1, "gpu_memory": "30GiB"} for n in ("a", "b", "c")}
+    d = make_daemon(models, {"gpu_memory": "80GiB"})
+    assert d.swap("a")["ok"]
+    assert d.swap("b")["ok"]
+    st = d.status()
+    assert st["resident"] == ["a", "b"] and st["active"] == "b"
+    assert st["gpu"] == {"budget": 80 * G, "free": 20 * G}
+    assert st["models"]["a"]["gpu_memory"] == 30 * G
+    complete(d, "a"), complete(d, "b")  # both answer without a swap
+    assert d.swap("c")["ok"]            # 30 more do not fit: a (least recent) sleeps
+    st = d.status()
+    assert st["resident"] == ["b", "c"] and st["active"] == "c"
+    assert st["models"]["a"]["state"] == "sleeping" and d.sim("a")["sleeping"] is True
+    assert d.sim("b")["sleeping"] is False
+    assert d.swap("b")["message"].endswith("already active")
+    # supervision covers every resident model: b crashes and is restarted, c serves on
+    pid_b = st["models"]["b"]["pid"]
+    import os
+    os.kill(pid_b, signal.SIGKILL)
+    from .daemon_fixture import wait_for
+    wait_for(lambda: d.state("b") == "active" and d.status()["models"]["b"]["pid"] != pid_b,
+             timeout=30, what="b restarted")
+    assert d.state("c") == "active"
+
+
+def test_v1_catalog_without_sizes_keeps_one_active(make_daemon):
+    d = make_daemon({n: {"sleep_level": 1} for n in ("a", "b")}, {"gpu_memory": "80GiB"})
+    assert d.swap("a")["ok"] and d.swap("b")["ok"]
+    st = d.status()
+    assert st["resident"] == ["b"] and st["models"]["a"]["state"] == "sleeping"
+    assert st["gpu"]["free"] is None  # an exclusive model holds the whole GPU
+
+
+def test_model_over_budget_refused_by_check(make_daemon):
+    d = make_daemon({"a": {"gpu_memory": "90GiB"}}, {"gpu_memory": "80GiB"}, start=False)
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "llmuxd", "--config", str(d.config), "--check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "larger than the budget" in r.stderr
