@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from . import launch, procs, seccomp, store
+from . import checkpoint_io, gpu_memory, launch, procs, seccomp, store
 from . import states as S
 from .actions import HttpResult, describe_http
 from .access import Access
@@ -70,6 +70,8 @@ class Daemon:
                                      idle_timeout=catalog.daemon.client_timeout)
         self.control.on_close.append(self.commands.forget_client)
         self.front = Front(self) if catalog.daemon.front.listen else None
+        # Injectable so that tests (and CPU-only hosts) can say what a tree holds.
+        self.gpu_reader = gpu_memory.nvml_process_memory
         self.job: Job | None = None
         self.shutting_down = False
         self.hurry = False
@@ -417,6 +419,23 @@ class Daemon:
             self.front.on_transition(name, after)
         if after == S.ACTIVE:
             self.notifier.status(f"active: {name}")
+            self._measure(name)
+
+    def _measure(self, name: str) -> None:
+        """Record what the newly active model really holds (NVML; absent without a GPU)."""
+        rt = self.runtimes[name]
+        try:
+            pids = checkpoint_io.process_tree(self, name) if rt.pid else []
+            warning = gpu_memory.record_measured(rt, self.spec_in_use(name).gpu_memory, pids,
+                                                 self.gpu_reader)
+        except Exception as exc:  # a measurement must never break a swap
+            log.debug("%s: GPU memory not measured: %s", name, exc)
+            return
+        if warning:
+            log.warning("%s", warning)
+            rt.extra["gpu_over"] = True
+        else:
+            rt.extra.pop("gpu_over", None)
 
     # -- health of the active model --------------------------------------------------
     def _health_tick(self) -> None:

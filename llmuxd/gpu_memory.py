@@ -137,3 +137,21 @@ def tree_memory(pids: Iterable[int],
     if used is None:
         return None
     return sum(used.get(pid, 0) for pid in set(pids))
+
+
+def record_measured(rt, declared: int | None, pids: Iterable[int],
+                    reader: Callable[[], dict[int, int] | None] = nvml_process_memory) -> str | None:
+    """After `rt` became active: store what its tree really holds in rt.extra
+    (status shows `gpu_measured`; placement counts it, see swap.size_of) and return a
+    warning when that is more than it declared. Nothing is stored when the reader
+    cannot tell (a CPU-only machine, or no NVML), so status simply lacks the figure."""
+    used = tree_memory(pids, reader)
+    if not used:
+        rt.extra.pop("gpu_measured", None)
+        return None
+    rt.extra["gpu_measured"] = used
+    if declared is not None and used > declared:
+        return (f"{rt.name} holds {format_size(used)} of GPU memory, more than its "
+                f"gpu_memory ({format_size(declared)}); placement counts {format_size(used)} "
+                "from now on: raise gpu_memory or lower --gpu-memory-utilization")
+    return None

@@ -103,3 +103,16 @@ def test_tree_memory_sums_the_tree():
     reader = lambda: {10: 5, 11: 7, 99: 1000}
     assert gpu_memory.tree_memory([10, 11, 12], reader) == 12
     assert gpu_memory.tree_memory([10], lambda: None) is None
+
+
+def test_record_measured_stores_and_warns_when_over():
+    from llmuxd.states import Runtime
+    rt = Runtime("a")
+    reader = lambda: {10: 12 * 2**30, 11: 10 * 2**30}
+    warning = gpu_memory.record_measured(rt, 20 * 2**30, [10, 11], reader)
+    assert rt.extra["gpu_measured"] == 22 * 2**30
+    assert "a holds 22.0GiB" in warning and "more than its gpu_memory (20.0GiB)" in warning
+    assert gpu_memory.record_measured(rt, 30 * 2**30, [10, 11], reader) is None
+    # a CPU-only machine: no figure at all, and an old one is not kept
+    assert gpu_memory.record_measured(rt, 30 * 2**30, [10], lambda: None) is None
+    assert "gpu_measured" not in rt.extra
