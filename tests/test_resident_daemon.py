@@ -49,3 +49,17 @@ def test_model_over_budget_refused_by_check(make_daemon):
     r = subprocess.run([sys.executable, "-m", "llmuxd", "--config", str(d.config), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "larger than the budget" in r.stderr
+
+
+def test_status_table_shows_resident_set_and_budget():
+    from llmuxctl.render import status_table
+    st = {"active": "b", "resident": ["a", "b"], "gpu": {"budget": 80 * G, "free": 20 * G},
+          "models": {"a": {"state": "active", "sleep_level": 1, "gpu_memory": 30 * G,
+                           "gpu_measured": 32 * G, "gpu_over": True},
+                     "b": {"state": "active", "sleep_level": 1, "gpu_memory": 30 * G}}}
+    text = status_table(st, colour=False)
+    assert "resident: a, b" in text and "gpu budget: 80.0GiB, free: 20.0GiB" in text
+    assert "gpu 30.0GiB, measured 32.0GiB (over!)" in text
+    v1 = status_table({"active": "a", "resident": ["a"], "gpu": {"budget": None, "free": None},
+                       "models": {"a": {"state": "active", "sleep_level": 1}}}, colour=False)
+    assert "resident" not in v1 and "gpu" not in v1
