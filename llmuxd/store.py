@@ -34,7 +34,7 @@ def snapshot(daemon) -> dict:
         entry.update({"port": spec.port, "sleep_level": spec.sleep_level})
         models[name] = entry
     return {"version": VERSION, "daemon_pid": os.getpid(), "active": daemon.active(),
-            "resume": daemon.resume, "models": models}
+            "resident": daemon.resident(), "resume": daemon.resume, "models": models}
 
 
 def save(state_dir: str, data: dict) -> None:
