@@ -92,3 +92,22 @@ def test_measured_size_counts_when_larger():
     # 55 + 30 > 80: b now evicts a, which the declaration alone would not
     table = drain_idle("a") + sleep_ok("a", 1) + cold_start("b")
     assert run_table(view, swap_plan(view, "b"), table)[0] == "ok"
+
+
+def test_adoption_keeps_the_recorded_resident_set():
+    from llmuxd.actions import Io
+    from llmuxd.adopt import adopt_plan
+    from .test_swap import health
+    view = view_of(sized(("a", 30), ("b", 30), ("c", 30)),
+                   {n: S.ADOPTING for n in "abc"}, {})
+    stored = {"active": "b", "resident": ["a", "b"],
+              "models": {n: {"state": S.ACTIVE, "pid": 1} for n in "abc"}}
+    found = lambda m: [(Io("identify", (m, stored["models"][m])), "match"),
+                       (Io("adopt_pid", (m, stored["models"][m])), None),
+                       (health(m), OK), (is_sleeping(m), AWAKE)]
+    table = found("a") + found("b") + found("c") + [(T("a", S.ACTIVE), None),
+                                                     (T("b", S.ACTIVE), None)] \
+        + stop_clean("c", error="found awake beside")
+    outcome, value, _ = run_table(view, adopt_plan(view, stored), table)
+    assert outcome == "ok"
+    assert view.states() == {"a": "active", "b": "active", "c": "stopped"}
