@@ -63,3 +63,17 @@ def test_status_table_shows_resident_set_and_budget():
     v1 = status_table({"active": "a", "resident": ["a"], "gpu": {"budget": None, "free": None},
                        "models": {"a": {"state": "active", "sleep_level": 1}}}, colour=False)
     assert "resident" not in v1 and "gpu" not in v1
+
+
+def test_front_routes_to_every_resident_model_without_a_swap(make_daemon):
+    from .test_front import complete as front_complete
+    from .test_front import front_daemon, swaps_to
+    models = {n: {"gpu_memory": "30GiB"} for n in ("a", "b", "c")}
+    d = front_daemon(make_daemon, models, front={"min_active": "1h"}, gpu_memory="80GiB")
+    assert front_complete(d, "a")[0] == 200
+    # b fits beside a: a's min_active does not hold it back, and a stays resident
+    assert front_complete(d, "b")[0] == 200
+    for _ in range(3):
+        assert front_complete(d, "a")[0] == 200 and front_complete(d, "b")[0] == 200
+    assert swaps_to(d, "a") == 1 and swaps_to(d, "b") == 1
+    assert d.status()["resident"] == ["a", "b"]
