@@ -29,6 +29,8 @@ def status_table(status: dict, colour: bool) -> str:
             notes.append("restart pending")
         if m.get("removal_pending"):
             notes.append("removal pending")
+        if m.get("gpu_memory") or m.get("gpu_measured"):
+            notes.append(gpu_note(m))
         if m.get("last_error"):
             notes.append(m["last_error"])
         rows.append((name, m.get("state", "?"), str(m.get("asleep_level") or m.get("sleep_level")),
@@ -43,6 +45,14 @@ def status_table(status: dict, colour: bool) -> str:
         lines.append("  ".join(cells + [row[6]]).rstrip())
     job = status.get("job")
     footer = [f"active: {status.get('active') or '-'}"]
+    resident = status.get("resident") or []
+    if len(resident) > 1 or (status.get("gpu") or {}).get("budget"):
+        footer.append(f"resident: {', '.join(resident) or '-'}")
+    gpu = status.get("gpu") or {}
+    if gpu.get("budget"):
+        free = size(gpu["free"]) if gpu.get("free") is not None else "0 (an exclusive model holds it)" \
+            if resident else size(gpu["budget"])
+        footer.append(f"gpu budget: {size(gpu['budget'])}, free: {free}")
     if job:
         footer.append(f"running: {job['kind']} {job.get('model') or ''} "
                       f"({job.get('phase') or 'starting'}, {job['elapsed']:.1f}s)")
@@ -50,6 +60,21 @@ def status_table(status: dict, colour: bool) -> str:
     if error:
         footer.append("catalog error (last good catalog in force):\n  " + error.replace("\n", "\n  "))
     return "\n".join(lines + [""] + footer)
+
+
+def size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.1f}GiB" if n >= 2**30 else f"{n / 2**20:.0f}MiB"
+
+
+def gpu_note(m: dict) -> str:
+    """Declared size, and the measured one once known ("!" when it is over)."""
+    declared = size(m.get("gpu_memory")) if m.get("gpu_memory") else "exclusive"
+    text = f"gpu {declared}"
+    if m.get("gpu_measured"):
+        text += f", measured {size(m['gpu_measured'])}" + (" (over!)" if m.get("gpu_over") else "")
+    return text
 
 
 def progress(event: dict, previous: dict | None = None) -> str:

@@ -3,7 +3,7 @@
 For each model the state file names:
 - a process whose (PID, start time) still match and whose port answers is
   supervised again through a pidfd (it is no longer our child): it stays
-  active, sleeping or suspended; at most one stays active;
+  active, sleeping or suspended; the recorded resident set stays active (v1: one);
 - a process that is gone is noticed, and leftovers of its process group are
   killed, but only where the group leader's identity still matches or no
   longer exists (a PID that now belongs to someone else is never signalled);
@@ -33,10 +33,12 @@ def adopt_plan(view, stored: dict):
             yield Io("stop_unknown_model", (name, entry))
             continue
         yield from adopt_one(view, name, entry, awake)
-    # At most one active model: the one that was active, else the first found.
+    # The resident set the last llmuxd recorded (it fit the budget then); for a v1
+    # state file, at most one active model: the one that was active, else the first found.
     keep = wanted_active if wanted_active in awake else (awake[0] if awake else None)
+    resident = {n for n in stored.get("resident") or () if n in awake} or {keep}
     for name in awake:
-        if name == keep:
+        if name in resident:
             yield Transition(name, S.ACTIVE)
         else:
             yield from stop(view, name, error="found awake beside the active model after a "

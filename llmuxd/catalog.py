@@ -25,6 +25,9 @@ from typing import Any, Callable
 import tomlkit
 from tomlkit.exceptions import ParseError
 
+from . import gpu_memory
+from .gpu_memory import parse_size
+
 
 class CatalogError(Exception):
     """The catalog is invalid; ``problems`` holds every ``FILE:LINE: message``."""
@@ -90,6 +93,10 @@ class DaemonSettings:
     max_clients: int = 512                 # concurrent control connections; more are refused
     client_timeout: float = 60.0           # an idle connection is closed after this; a request
                                            # line must be complete within min(10 s, this)
+    # Budget per GPU in bytes: the catalog's, else the GPU's total (gpu_memory.py), None
+    # when neither is known (then every model is exclusive, as in v1).
+    gpu_memory: int | None = None
+    gpu_memory_declared: bool = False
     checkpoint: CheckpointSettings = CheckpointSettings()
     access: AccessSettings = AccessSettings()
     front: FrontSettings = FrontSettings()
@@ -114,6 +121,7 @@ class ModelSpec:
     # kept through the CUDA checkpoint); 2: sleep 2 (both dropped, reloaded from disk
     # on wake); 0: dump the whole GPU footprint.
     checkpoint_sleep: int = 1
+    gpu_memory: int | None = None          # bytes held while active; None = exclusive (v1)
     source: str = ""
 
     def env_dict(self) -> dict[str, str]:
@@ -333,6 +341,7 @@ _DAEMON_KEYS: dict[str, _Conv | None] = {
     "access": None, "front": None, "socket_group": lambda v, where: _principal(v, where),
     "max_clients": partial(_integer, lo=1, hi=100_000), "client_timeout": _positive,
     "shutdown": lambda v, where: _choice(v, where, ("stop", "checkpoint", "keep")),
+    "gpu_memory": parse_size,
 }
 _MODEL_KEYS: dict[str, _Conv] = {
     "model": _string, "port": partial(_integer, lo=1, hi=65535),
@@ -340,7 +349,7 @@ _MODEL_KEYS: dict[str, _Conv] = {
     "cwd": _string, "startup_timeout": _duration, "drain_timeout": _duration,
     "stop_timeout": _duration, "aliases": _aliases,
     "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)"),
-    "checkpoint_sleep": partial(_integer, lo=0, hi=2)}
+    "checkpoint_sleep": partial(_integer, lo=0, hi=2), "gpu_memory": parse_size}
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The catalog is parsed on the loop's thread (a reload): bound what one parse may cost.
 # tomlkit needs ~0.6 ms a model; these limits keep a reload well under a second.
@@ -572,7 +581,25 @@ def _daemon(f: _File, plain: dict, doc: Any, base: str) -> DaemonSettings:
     if front.get("listen"):
         front["host"], front["port"] = _split_listen(front["listen"])
     values["front"] = FrontSettings(**front)
+    if "gpu_memory" in values:
+        values["gpu_memory_declared"] = True
+    elif "gpu_memory" not in table:  # not written at all (a bad value is already an error)
+        values["gpu_memory"] = gpu_memory.gpu_total()
     return DaemonSettings(**values)
+
+
+def _check_sizes(daemon: DaemonSettings, models: dict[str, ModelSpec], problems: list[str],
+                 lines: dict[str, str]) -> None:
+    """A model that can never fit the budget would make every swap to it fail."""
+    budget = daemon.gpu_memory
+    if budget is None:
+        return
+    origin = "daemon.gpu_memory" if daemon.gpu_memory_declared else "the GPU's total memory"
+    for spec in models.values():
+        if spec.gpu_memory is not None and spec.gpu_memory > budget:
+            problems.append(f"{lines.get(spec.name, spec.source)}: models.{spec.name}.gpu_memory: "
+                            f"{gpu_memory.format_size(spec.gpu_memory)} is larger than the budget "
+                            f"({origin}: {gpu_memory.format_size(budget)})")
 
 
 def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec],
@@ -590,7 +617,7 @@ def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec
 
 def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
             ports: dict[int, tuple[str, str]], models: dict[str, ModelSpec],
-            aliases: dict[str, tuple[str, str]]) -> None:
+            aliases: dict[str, tuple[str, str]], size_lines: dict[str, str]) -> None:
     table = plain.get("models", {})
     if not isinstance(table, dict):
         f.error(("models",), f"models: expected a table, got {_type_name(table)}")
@@ -629,6 +656,8 @@ def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
                 f.error(path + ("aliases",), f"{where}.aliases: {alias!r} is already an alias of "
                         f"model '{aliases[alias][0]}' (at {aliases[alias][1]})")
             aliases.setdefault(alias, (name, line))
+        if "gpu_memory" in values:
+            size_lines[name] = f.where(path + ("gpu_memory",))
         models[name] = ModelSpec(name=name, source=f.where(path), **values)
 
 
@@ -652,6 +681,7 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
     ports: dict[int, tuple[str, str]] = {}
     models: dict[str, ModelSpec] = {}
     aliases: dict[str, tuple[str, str]] = {}  # alias -> (model, FILE:LINE)
+    size_lines: dict[str, str] = {}  # model -> FILE:LINE of its gpu_memory
     daemon = DaemonSettings()
     main_file = None
     if len(files) > MAX_MODELS + 1:
@@ -674,7 +704,7 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
                 if key != "models":
                     f.error((key,), f"{_dotted((key,))}: a drop-in may only define "
                                     "[models.NAME] tables")
-        _models(f, plain, base, seen, ports, models, aliases)
+        _models(f, plain, base, seen, ports, models, aliases, size_lines)
     if len(seen) > MAX_MODELS:
         problems.append(f"{main}:0: too many models ({len(seen)}; at most {MAX_MODELS})")
     if daemon.default_model is not None and daemon.default_model not in seen:
@@ -683,6 +713,7 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
                         f"'{daemon.default_model}' is defined")
     _check_front(main_file.where(("daemon", "front", "listen")) if main_file else f"{main}:0",
                  daemon, models, aliases, problems)
+    _check_sizes(daemon, models, problems, size_lines)
     if problems:
         return None, problems
     return Catalog(path=main, files=tuple(files), daemon=daemon, models=models), []

@@ -16,7 +16,8 @@ from . import __version__, launch, trust
 from . import states as S
 from .protocol import MUTATING, ProtocolError, decode_request
 from .doctor import doctor_plan
-from .swap import restart_plan, sleep_plan, stop_plan, swap_plan
+from .placement import free_budget
+from .swap import resident_set, restart_plan, sleep_plan, stop_plan, swap_plan
 
 log = logging.getLogger(__name__)
 FOLLOW_POLL = 0.2
@@ -87,7 +88,7 @@ class Commands:
         for name, rt in d.runtimes.items():
             spec = d.spec_in_use(name)
             models[name] = {**rt.as_status(), "model": spec.model, "port": spec.port,
-                            "sleep_level": spec.sleep_level}
+                            "sleep_level": spec.sleep_level, "gpu_memory": spec.gpu_memory}
             if d.front is not None:
                 models[name]["in_flight"] = d.front.in_flight(name)
         job = None
@@ -95,7 +96,11 @@ class Commands:
             job = {"kind": d.job.kind, "model": d.job.model, "phase": d.job.phase,
                    "elapsed": round(time.monotonic() - d.job.started, 3)}
         front = d.front.status() if d.front is not None else None
-        return {"active": d.active(), "models": models, "job": job, "front": front,
+        resident = d.resident()
+        budget = d.catalog.daemon.gpu_memory
+        free = free_budget(budget, resident_set(d)) if budget is not None else None
+        return {"active": d.active(), "resident": resident,
+                "gpu": {"budget": budget, "free": free}, "models": models, "job": job, "front": front,
                 "config": {"path": d.config_path, "error": d.config_error},
                 "daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime": round(time.monotonic() - d.started, 3),

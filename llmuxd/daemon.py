@@ -16,7 +16,7 @@ import os
 import signal
 import time
 
-from . import launch, procs, seccomp, store, trust
+from . import checkpoint_io, gpu_memory, launch, procs, seccomp, store, trust
 from . import states as S
 from .actions import HttpResult, describe_http
 from .access import Access
@@ -71,6 +71,8 @@ class Daemon:
                                      may_steer=lambda client: self.access.allows(client))
         self.control.on_close.append(self.commands.forget_client)
         self.front = Front(self) if catalog.daemon.front.listen else None
+        # Injectable so that tests (and CPU-only hosts) can say what a tree holds.
+        self.gpu_reader = gpu_memory.nvml_process_memory
         self.job: Job | None = None
         self.shutting_down = False
         self.hurry = False
@@ -207,10 +209,14 @@ class Daemon:
         return f"active: {active}" if active else "no active model"
 
     def active(self) -> str | None:
-        for name, rt in self.runtimes.items():
-            if rt.state == S.ACTIVE:
-                return name
-        return None
+        """The most recently activated model (v1 clients read `active`; `resident` has all)."""
+        resident = self.resident()
+        return max(resident, key=lambda n: self.runtimes[n].since) if resident else None
+
+    def resident(self) -> list[str]:
+        """Every active model, least recently activated first."""
+        return sorted((n for n, rt in self.runtimes.items() if rt.state == S.ACTIVE),
+                      key=lambda n: self.runtimes[n].since)
 
     def _on_signal(self, signum: int) -> None:
         if signum == signal.SIGCHLD:
@@ -465,6 +471,23 @@ class Daemon:
             self.front.on_transition(name, after)
         if after == S.ACTIVE:
             self.notifier.status(f"active: {name}")
+            self._measure(name)
+
+    def _measure(self, name: str) -> None:
+        """Record what the newly active model really holds (NVML; absent without a GPU)."""
+        rt = self.runtimes[name]
+        try:
+            pids = checkpoint_io.process_tree(self, name) if rt.pid else []
+            warning = gpu_memory.record_measured(rt, self.spec_in_use(name).gpu_memory, pids,
+                                                 self.gpu_reader)
+        except Exception as exc:  # a measurement must never break a swap
+            log.debug("%s: GPU memory not measured: %s", name, exc)
+            return
+        if warning:
+            log.warning("%s", warning)
+            rt.extra["gpu_over"] = True
+        else:
+            rt.extra.pop("gpu_over", None)
 
     # -- health of the active model --------------------------------------------------
     def _health_tick(self) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 
 from . import seccomp
+from . import gpu_memory
 
 LOOPBACK = "127.0.0.1"
 
@@ -163,4 +164,28 @@ def catalog_warnings(catalog) -> list[str]:
                                 f"{tp} at level {spec.sleep_level} on a vLLM without the "
                                 f"suspend_nccl RPC needs env {' '.join(unset)} (NCCL's P2P, SHM "
                                 "and NVLS buffers cannot be checkpointed)")
+    warnings += size_warnings(catalog)
+    return warnings
+
+
+def size_warnings(catalog, total: int | None = None) -> list[str]:
+    """A model whose --gpu-memory-utilization (a fraction of the whole GPU, vLLM's own
+    limit) disagrees with its declared gpu_memory: placement trusts the declaration,
+    vLLM the fraction, so one of them is wrong. Only when the GPU's total is known."""
+    total = total if total is not None else gpu_memory.gpu_total()
+    if not total:
+        return []
+    warnings = []
+    for spec in catalog.models.values():
+        util = gpu_memory.utilization_of(spec.args)
+        if spec.gpu_memory is None or util is None:
+            continue
+        claims = int(util * total)
+        if abs(claims - spec.gpu_memory) > 0.05 * total:
+            warnings.append(
+                f"{spec.source}: warning: models.{spec.name}: --gpu-memory-utilization {util:g} "
+                f"lets vLLM take {gpu_memory.format_size(claims)} of this GPU's "
+                f"{gpu_memory.format_size(total)}, but gpu_memory says "
+                f"{gpu_memory.format_size(spec.gpu_memory)}; pass --gpu-memory-utilization "
+                f"{spec.gpu_memory / total:.2f}")
     return warnings

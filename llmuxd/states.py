@@ -6,7 +6,9 @@ leaves the state untouched, so a bug shows up as a logged refusal rather than
 a model in a state the operator cannot explain.
 
 Invariants:
-- at most one model is `active` (or on its way there: starting, waking, ...);
+- without sizes in the catalog at most one model is `active` (or on its way there:
+  starting, waking, ...); with sizes, the active ones form the resident set, whose
+  declared or measured sizes fit the budget (placement.py decides, swap.py obeys);
 - a model with a live process is never `stopped`, and `failed` only when its
   process group survived SIGKILL (status says so);
 - `sleeping`, `suspended`, `checkpointed` remember the level they slept at.

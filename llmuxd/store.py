@@ -56,7 +56,7 @@ def snapshot(daemon) -> dict:
     if active is None and daemon.unadopted_active in pending:
         active = daemon.unadopted_active
     return {"version": VERSION, "daemon_pid": os.getpid(), "active": active,
-            "resume": daemon.resume, "models": models}
+            "resident": daemon.resident(), "resume": daemon.resume, "models": models}
 
 
 RESERVE = ".reserve"

@@ -3,7 +3,9 @@
 `swap_plan` is the heart of llmux: drain the active model, put it to sleep at
 its level (escalating to a stop when that fails), verify, and only then wake or
 start the target and health-check it. GPU memory changes strictly one step at a
-time because every step finishes before the next begins. A failed wake or
+time because every step finishes before the next begins. Which models sleep is
+placement's answer (placement.py): with sizes declared, only the least recently
+used ones that the target needs room from; without, every other one (v1). A failed wake or
 start stops the target and brings the previous model back (rollback), and the
 original error is what the operator reads.
 
@@ -14,8 +16,10 @@ tests drive them with tables of (operation, result) pairs.
 from __future__ import annotations
 
 from . import states as S
-from .actions import CheckPort, Degraded, InFlight, Now, Pause, Phase, Refused, StepFailed, Transition
+from .actions import (CheckPort, Degraded, InFlight, Now, Pause, Phase, Refused, StepFailed,
+                      Transition)
 from .mechanisms import mechanism_for
+from .placement import Resident, place
 from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
 
 __all__ = ["swap_plan", "sleep_plan", "stop_plan", "restart_plan", "recover_plan", "shutdown_plan",
@@ -85,38 +89,70 @@ def bring_up(view: View, name: str) -> Plan:
         raise StepFailed(f"{name} is {rt.state}; cannot make it active now")
 
 
+def size_of(view: View, name: str) -> int | None:
+    """What placement counts for `name`: the measured figure once known (a model may hold
+    more than it declared), else its declared gpu_memory; None = exclusive."""
+    declared = spec_of(view, name).gpu_memory
+    if declared is None:
+        return None
+    measured = view.runtimes[name].extra.get("gpu_measured")
+    return max(declared, measured) if measured else declared
+
+
+def resident_set(view: View, exclude: str | None = None) -> list[Resident]:
+    """The active models, with their sizes and when each was made active (LRU order)."""
+    return [Resident(n, size_of(view, n), rt.since) for n, rt in view.runtimes.items()
+            if n != exclude and rt.state == S.ACTIVE]
+
+
 def swap_plan(view: View, target: str, force: bool = False) -> Plan:
-    """Make `target` the active model (see the module docstring)."""
+    """Make `target` active, putting to sleep only the active models placement names
+    (see the module docstring). Every eviction finishes before the target wakes."""
     if view.runtimes[target].state == S.ACTIVE:
         return f"{target} is already active"
-    previous = None
-    evicting = [n for n in holders(view, exclude=target) if view.runtimes[n].state == S.ACTIVE]
-    if evicting and view.runtimes[target].state in (S.STOPPED, S.FAILED):
+    placement = place(view.catalog.daemon.gpu_memory, resident_set(view), target,
+                      size_of(view, target))
+    if placement.refused:
+        raise StepFailed(placement.refused)
+    if placement.evict and view.runtimes[target].state in (S.STOPPED, S.FAILED):
         # A cold start would be refused for a taken port: say so before anything changes.
         holder = yield CheckPort(target)
         if holder is not None:
             raise StepFailed(f"{target}: port {spec_of(view, target).port} is already in use by "
-                             f"{holder}; nothing changed ({evicting[0]} is still active)")
+                             f"{holder}; nothing changed ({placement.evict[0]} is still active)")
     for name in holders(view, exclude=target):
-        if view.runtimes[name].state == S.ACTIVE:
-            previous = name
-            yield from evict(view, name, force)
-        else:  # crashed and waiting to restart, or left half way: its processes go
+        if view.runtimes[name].state != S.ACTIVE:
+            # crashed and waiting to restart, or left half way: holds an unknown amount
             yield from stop(view, name, hurry=True)
+    evicted: list[str] = []
+    for name in placement.evict:
+        try:
+            yield from evict(view, name, force)
+        except StepFailed:
+            # Nothing changed for this one; those already asleep come back (v1: the swap
+            # fails and leaves every model as it was).
+            for back in reversed(evicted):
+                yield from bring_up(view, back)
+            raise
+        evicted.append(name)
     try:
         yield from bring_up(view, target)
     except StepFailed as exc:
         error = str(exc)
         yield from stop(view, target, error=error, final=S.FAILED)
-        if previous is None:
+        if not evicted:
             raise
-        yield Phase("rollback", previous)
-        try:
-            yield from bring_up(view, previous)
-        except StepFailed as exc2:
-            yield from stop(view, previous, error=str(exc2), final=S.FAILED)
-            raise StepFailed(f"{error}; rollback to {previous} failed too: {exc2}") from None
-        raise StepFailed(f"{error}; {previous} is active again") from None
+        again = []
+        for previous in reversed(evicted):  # most recently used first
+            yield Phase("rollback", previous)
+            try:
+                yield from bring_up(view, previous)
+            except StepFailed as exc2:
+                yield from stop(view, previous, error=str(exc2), final=S.FAILED)
+                raise StepFailed(f"{error}; rollback to {previous} failed too: {exc2}") from None
+            again.append(previous)
+        verb = "is" if len(again) == 1 else "are"
+        raise StepFailed(f"{error}; {', '.join(again)} {verb} active again") from None
     return f"{target} is active"
 
 

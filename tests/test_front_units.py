@@ -206,3 +206,11 @@ def test_client_gone_mid_stream_closes_the_upstream(loop):
     assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
     s.close()
     assert upstream.closed_early.wait(5), "the upstream went on writing"
+
+
+def test_choose_swap_min_active_protects_only_the_evicted():
+    states = {A: S.ACTIVE, B: S.SLEEPING}
+    # b fits beside a: a's min_active does not hold b back
+    assert choose_swap([B], states, {A: 9}, 10, 5, evicts=lambda t: []) == (B, None)
+    # b evicts a, which is too young to leave
+    assert choose_swap([B], states, {A: 9}, 10, 5, evicts=lambda t: [A]) == (None, 4)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from .. import states as S
-from ..swap import swap_plan
+from ..placement import place
+from ..swap import resident_set, size_of, swap_plan
 
 log = logging.getLogger(__name__)
 SWEEP = 0.5
@@ -31,14 +32,19 @@ SWAPPABLE = S.ASLEEP | {S.STOPPED, S.FAILED}
 
 
 def choose_swap(waiting: list[str], states: dict[str, str], active_since: dict[str, float],
-                now: float, min_active: float) -> tuple[str | None, float | None]:
+                now: float, min_active: float,
+                evicts=None) -> tuple[str | None, float | None]:
     """(model to swap to now, None), (None, seconds until asking again makes sense),
     or (None, None) when nothing waits that a swap could serve. `waiting` lists the
-    models of the waiting requests, oldest first."""
+    models of the waiting requests, oldest first. `evicts(target)` names the active
+    models that swap would put to sleep (placement); by default all of them (v1).
+    min_active only protects those: a target that fits beside them goes at once."""
     target = next((m for m in waiting if states.get(m) in SWAPPABLE), None)
     if target is None:
         return None, None
-    active = [active_since.get(n, -math.inf) for n, s in states.items() if s == S.ACTIVE]
+    victims = evicts(target) if evicts is not None else \
+        [n for n, s in states.items() if s == S.ACTIVE]
+    active = [active_since.get(n, -math.inf) for n in victims if states.get(n) == S.ACTIVE]
     if active:
         left = max(active) + min_active - now
         if left > 0:
@@ -111,7 +117,7 @@ class Demand:
         states = {n: rt.state for n, rt in self.d.runtimes.items()}
         waiting = list(dict.fromkeys(t.route.model for t in self.queue))
         target, wait = choose_swap(waiting, states, self.active_since, time.monotonic(),
-                                   self.settings.min_active)
+                                   self.settings.min_active, self._evicts)
         if target is not None:
             log.info("front: %d request(s) wait for %s: swapping to it",
                      sum(t.route.model == target for t in self.queue), target)
@@ -119,6 +125,10 @@ class Demand:
                                              on_done=self._swap_done)
         elif wait is not None and self._timer is None:
             self._timer = self.d.reactor.call_later(wait, self._timer_due)
+
+    def _evicts(self, target: str) -> list[str]:
+        budget = self.d.catalog.daemon.gpu_memory
+        return list(place(budget, resident_set(self.d), target, size_of(self.d, target)).evict)
 
     def _timer_due(self) -> None:
         self._timer = None
