@@ -150,6 +150,14 @@ class ToolResult:
         return self.rc == 0
 
 
+def tool_message(text: str) -> str:
+    """The line of a tool's output worth showing: its last meaningful one (criu warns
+    about RLIMIT_NOFILE and its kdat cache on every run)."""
+    lines = [ln.strip() for ln in text.splitlines()
+             if ln.strip() and "RLIMIT_NOFILE" not in ln and "kdat cache" not in ln]
+    return lines[-1] if lines else ""
+
+
 @dataclass(frozen=True)
 class IoFailed:
     reason: str

@@ -7,16 +7,10 @@ job slot, so it answers during a swap.
 
 from __future__ import annotations
 
-from .actions import Io, IoFailed, RunTool
+from .actions import Io, IoFailed, RunTool, tool_message
 from .mechanisms.cuda_suspend import cuda_tool
 
 TOOL_DEADLINE = 30.0
-
-
-def first_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines()
-             if ln.strip() and "RLIMIT_NOFILE" not in ln and "kdat cache" not in ln]
-    return lines[-1] if lines else ""
 
 
 def doctor_plan(view):
@@ -26,15 +20,15 @@ def doctor_plan(view):
         facts = {"error": facts.reason}
     version = yield RunTool((ck.criu_path, "--version"), TOOL_DEADLINE)
     facts["criu"] = {"path": ck.criu_path,
-                     "version": first_line(version.output) if version.ok else None,
-                     "error": None if version.ok else first_line(version.output)}
+                     "version": tool_message(version.output) if version.ok else None,
+                     "error": None if version.ok else tool_message(version.output)}
     if version.ok:
         check = yield RunTool((ck.criu_path, "check"), TOOL_DEADLINE)
-        facts["criu"]["check"] = "ok" if check.ok else first_line(check.output)
+        facts["criu"]["check"] = "ok" if check.ok else tool_message(check.output)
     # A process without CUDA state answers "not found" when the API itself works.
     probe = yield RunTool(cuda_tool(view) + ("--get-state", "--pid", str(facts.get("pid", 1))),
                           TOOL_DEADLINE)
-    answer = first_line(probe.output)
+    answer = tool_message(probe.output)
     api = probe.ok or answer.startswith("CUDA_ERROR_NOT_FOUND") or \
         answer.startswith("CUDA_ERROR_NOT_INITIALIZED")
     facts["cuda_checkpoint"] = {"tool": " ".join(cuda_tool(view)), "api": api,

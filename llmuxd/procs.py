@@ -179,15 +179,20 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
-def is_alive(pid: int) -> bool:
-    """True for a running process; False for gone or zombie (kill -0 lies about zombies)."""
+def _stat_fields(pid: int | str) -> list[bytes] | None:
+    """state, ppid, pgid, ... of /proc/PID/stat (after the command name)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
-        return False
-    state = stat[stat.rfind(b")") + 2:stat.rfind(b")") + 3]
-    return state not in (b"Z", b"X")
+        return None
+    return stat[stat.rfind(b")") + 2:].split()
+
+
+def is_alive(pid: int) -> bool:
+    """True for a running process; False for gone or zombie (kill -0 lies about zombies)."""
+    rest = _stat_fields(pid)
+    return bool(rest) and rest[0] not in (b"Z", b"X")
 
 
 def group_members(pgid: int) -> list[int]:
@@ -196,25 +201,10 @@ def group_members(pgid: int) -> list[int]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(b")") + 2:].split()
-        if len(rest) > 2 and int(rest[2]) == pgid and rest[0] not in (b"Z", b"X"):
+        rest = _stat_fields(name)
+        if rest and len(rest) > 2 and int(rest[2]) == pgid and rest[0] not in (b"Z", b"X"):
             members.append(int(name))
     return members
-
-
-def _stat_fields(pid: int) -> list[bytes] | None:
-    """state, ppid, pgid, ... of /proc/PID/stat (after the command name)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    return stat[stat.rfind(b")") + 2:].split()
 
 
 def strays(pid: int | None, pgid: int | None, marker: bytes, owned: Callable[[int], bool]) \

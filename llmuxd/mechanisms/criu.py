@@ -22,14 +22,14 @@ diagnosis and cold-starts the model, and says so (Degraded).
 
 from __future__ import annotations
 
-import json
 
 from .. import states as S
-from ..actions import (CheckExited, Degraded, Http, Io, Pause, Phase, Refused, RunTool, StepFailed,
-                       Transition, WaitGone)
+from ..actions import (Degraded, Http, Io, Pause, Phase, Refused, RunTool, StepFailed,
+                       Transition, WaitGone, tool_message)
 from ..launch import checkpoint_sleep
 from ..steps import expect_ok, io, is_sleeping, spec_of, start, stop, timeout_of, wait_healthy
 from .cuda_suspend import nccl, resume, suspend
+from .vllm_sleep import enter_sleep, reload_weights
 
 # Flags the seed settled on (see research/llmux-anchor.md 1.8). --network-lock
 # nftables: the iptables default needs an iptables binary that is often absent.
@@ -49,9 +49,7 @@ def criu_preflight(view, name: str):
         return
     result = yield RunTool((path, "check"), PREFLIGHT_TIMEOUT, name)
     if not result.ok:
-        lines = [ln.strip() for ln in result.output.splitlines()
-                 if ln.strip() and "RLIMIT_NOFILE" not in ln and "kdat cache" not in ln]
-        why = lines[-1] if lines else _rc(result)
+        why = tool_message(result.output) or _rc(result)
         raise Refused(f"{name}: level 4 is unavailable: criu check failed: {why} "
                       "(see `llmuxctl doctor`); nothing changed")
     yield from io("remember_criu_good", path)
@@ -68,13 +66,7 @@ def drop_kv_cache(view, name: str, level: int):
     weights alone, so they go through the CUDA checkpoint (fast, device to host) rather
     than pinned host buffers (slow to restore). Level 2: weights and KV cache dropped."""
     yield Phase(f"vllm-sleep-{level}", name)
-    timeout = view.catalog.daemon.sleep_timeout
-    expect_ok((yield Http(name, "POST", f"/sleep?level={level}", timeout=timeout)),
-              f"{name}: POST /sleep?level={level}")
-    if (yield CheckExited(name)) is not None:
-        raise StepFailed(f"{name} exited while going to sleep before its checkpoint")
-    if not (yield from is_sleeping(view, name)):
-        raise StepFailed(f"{name}: still awake after POST /sleep?level={level}")
+    yield from enter_sleep(view, name, level)
     if level == 1:
         expect_ok((yield Http(name, "POST", "/wake_up?tags=weights",
                               timeout=view.catalog.daemon.wake_timeout)),
@@ -89,9 +81,7 @@ def restore_kv_cache(view, name: str, level: int):
     if level == 2:
         expect_ok((yield Http(name, "POST", "/wake_up?tags=weights", timeout=timeout)),
                   f"{name}: POST /wake_up?tags=weights")
-        body = json.dumps({"method": "reload_weights"}).encode()
-        expect_ok((yield Http(name, "POST", "/collective_rpc", timeout=timeout, body=body)),
-                  f"{name}: reload_weights")
+        yield from reload_weights(view, name)
     expect_ok((yield Http(name, "POST", "/wake_up?tags=kv_cache", timeout=timeout)),
               f"{name}: POST /wake_up?tags=kv_cache")
     expect_ok((yield Http(name, "POST", "/reset_prefix_cache", timeout=timeout)),

@@ -15,6 +15,27 @@ from ..actions import CheckExited, Http, Phase, StepFailed, Transition
 from ..steps import expect_ok, is_sleeping, timeout_of, wait_healthy
 
 
+def enter_sleep(view, name: str, level: int):
+    """POST /sleep?level=N and make sure it took: vLLM may crash while going to sleep and
+    still answer 200, and answers 200 even when nothing was freed."""
+    timeout = view.catalog.daemon.sleep_timeout
+    result = yield Http(name, "POST", f"/sleep?level={level}", timeout=timeout)
+    expect_ok(result, f"{name}: POST /sleep?level={level}")
+    exited = yield CheckExited(name)
+    if exited is not None:
+        raise StepFailed(f"{name} {exited} while going to sleep")
+    if not (yield from is_sleeping(view, name)):
+        raise StepFailed(f"{name}: still awake after POST /sleep")
+
+
+def reload_weights(view, name: str):
+    """After a level-2 wake of the weights: without this the model serves garbage."""
+    timeout = view.catalog.daemon.wake_timeout
+    body = json.dumps({"method": "reload_weights"}).encode()
+    expect_ok((yield Http(name, "POST", "/collective_rpc", timeout=timeout, body=body)),
+              f"{name}: reload_weights")
+
+
 class VllmSleep:
     asleep_state = S.SLEEPING
 
@@ -25,15 +46,7 @@ class VllmSleep:
     def sleep(self, view, name):
         yield Phase("sleep", name)
         yield Transition(name, S.GOING_TO_SLEEP)
-        timeout = view.catalog.daemon.sleep_timeout
-        result = yield Http(name, "POST", f"/sleep?level={self.level}", timeout=timeout)
-        expect_ok(result, f"{name}: POST /sleep?level={self.level}")
-        # vLLM may crash while going to sleep and still answer 200.
-        exited = yield CheckExited(name)
-        if exited is not None:
-            raise StepFailed(f"{name} {exited} while going to sleep")
-        if not (yield from is_sleeping(view, name)):
-            raise StepFailed(f"{name}: still awake after POST /sleep")
+        yield from enter_sleep(view, name, self.level)
         yield Transition(name, S.SLEEPING, fields={"asleep_level": self.level})
 
     def wake(self, view, name):
@@ -42,9 +55,7 @@ class VllmSleep:
         timeout = view.catalog.daemon.wake_timeout
         expect_ok((yield Http(name, "POST", "/wake_up", timeout=timeout)), f"{name}: POST /wake_up")
         if self.level == 2:
-            body = json.dumps({"method": "reload_weights"}).encode()
-            expect_ok((yield Http(name, "POST", "/collective_rpc", timeout=timeout, body=body)),
-                      f"{name}: reload_weights")
+            yield from reload_weights(view, name)
             expect_ok((yield Http(name, "POST", "/reset_prefix_cache", timeout=timeout)),
                       f"{name}: POST /reset_prefix_cache")
         if (yield from is_sleeping(view, name)):
