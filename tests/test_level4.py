@@ -1,7 +1,7 @@
 """Level 4 against what a real vLLM holds: an io_uring instance (blocked by llmux's
 seccomp rule), a loky named semaphore (link_remap files, stashed per checkpoint),
 the weights axis (vLLM sleep before the dump), and honest results. llmux-sim holds
-both, as vLLM 0.26 does (llmuxd/sim_host.py); the CRIU tests use the real CRIU."""
+both, as vLLM 0.26 does (llmuxd/sim/host.py); the CRIU tests use the real CRIU."""
 
 from __future__ import annotations
 

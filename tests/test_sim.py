@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llmuxd import sim_engine
+from llmuxd.sim import engine as sim_engine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

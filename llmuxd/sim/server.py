@@ -3,10 +3,10 @@
 It imitates what llmuxd depends on in vLLM 0.10-0.16 (shared/research/vllm-api.md):
 
 - Two processes, as vLLM: this API server and an EngineCore child
-  (llmuxd/sim_engine.py) in the same process group, so a supervisor must kill
+  (llmuxd/sim/engine.py) in the same process group, so a supervisor must kill
   the group; the engine outlives a SIGKILLed API server.
 - With --tensor-parallel-size N > 1 (-tp N), N worker processes more
-  (llmuxd/sim_worker.py), children of the engine, in the same group: they hold
+  (llmuxd/sim/worker.py), children of the engine, in the same group: they hold
   the GPU state and an NCCL group, torn down and rebuilt by the collective_rpc
   methods suspend_nccl and resume_nccl of llmux's vLLM patch.
 - The port is bound before the engine loads but listen() only once it is
@@ -35,7 +35,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from llmuxd import sim_engine, sim_host
+from llmuxd.sim import engine as sim_engine, host as sim_host
 
 SIM_VERSION = "0.0.0+llmux.sim"
 
@@ -65,7 +65,7 @@ def parse_args(argv):
     s.add_argument("--fake-cuda-dir", default=os.environ.get("LLMUX_SIM_FAKE_CUDA_DIR") or None)
     s.add_argument("--cuda-mb", type=int, default=0)
     s.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
-    # A real vLLM holds both (sim_host.py); these leave them out.
+    # A real vLLM holds both (host.py); these leave them out.
     s.add_argument("--no-io-uring", action="store_true", help="open no io_uring instance")
     s.add_argument("--no-loky-semaphore", action="store_true",
                    help="create no named semaphore in /dev/shm")

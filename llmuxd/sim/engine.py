@@ -1,4 +1,4 @@
-"""The EngineCore half of llmux-sim (see llmuxd/sim.py for the API server half).
+"""The EngineCore half of llmux-sim (see llmuxd/sim/server.py for the API server half).
 
 Real vLLM splits `vllm serve` into an API server process and an EngineCore child
 that holds the model and, with tensor parallelism 1, the CUDA context.  llmuxd
@@ -13,7 +13,7 @@ subcommand is internal.  EngineClient and start_engine, at the end, are the API
 server's side; metrics_text renders the engine's stats as vLLM's /metrics.
 
 With --tensor-parallel-size N > 1 the engine holds no GPU state itself: like
-vLLM's MultiprocExecutor it spawns N Worker_TP<i> processes (llmuxd/sim_worker.py),
+vLLM's MultiprocExecutor it spawns N Worker_TP<i> processes (llmuxd/sim/worker.py),
 one per rank and GPU, in the same process group, and forwards every operation to
 all of them (Workers, below).  They form an NCCL group (simulated without
 torch), which /collective_rpc suspend_nccl / resume_nccl tear down and rebuild.
@@ -209,7 +209,7 @@ class Workers:
         self.store = None
         death_r, self.death_w = os.pipe()  # both non-inheritable; death_r goes by pass_fds
         env = dict(os.environ, **NCCL_ENV)
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         try:
             for rank in range(n):
@@ -218,7 +218,7 @@ class Workers:
                         "fake_cuda_dir": cfg.get("fake_cuda_dir"), "engine_pid": os.getpid()}
                 try:
                     proc = subprocess.Popen(
-                        [sys.executable, "-m", "llmuxd.sim_worker", "--fd", str(theirs.fileno()),
+                        [sys.executable, "-m", "llmuxd.sim.worker", "--fd", str(theirs.fileno()),
                          "--death-fd", str(death_r), "--config", json.dumps(wcfg)],
                         pass_fds=(theirs.fileno(), death_r), env=env)
                 finally:
@@ -602,7 +602,7 @@ class EngineClient:
         ours, theirs = socket.socketpair()
         env = dict(os.environ)
         # The engine re-imports this package; make that work from any cwd.
-        pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        pkg_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
         # No setsid/setpgid: like vLLM, the engine stays in our process group.
         self.proc = subprocess.Popen(

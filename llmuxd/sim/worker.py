@@ -1,6 +1,6 @@
 """A tensor-parallel worker of llmux-sim, like vLLM's `VLLM::Worker_TP<i>`.
 
-With --tensor-parallel-size N the EngineCore (llmuxd/sim_engine.py) spawns N of
+With --tensor-parallel-size N the EngineCore (llmuxd/sim/engine.py) spawns N of
 these, one per rank, in its own process group (no setsid).  Rank i:
 
 - holds its shard of the "weights": --cuda-mb MiB on visible GPU i when torch
@@ -19,7 +19,7 @@ the engine.  The engine sends a request to every rank before it reads a reply,
 and asks every rank first whether it can do the work ("check"), so a collective
 never starts on some ranks only.  Plain sockets, pipes and threads only (CRIU).
 
-Started as `python -m llmuxd.sim_worker --fd N --death-fd M --config JSON`.
+Started as `python -m llmuxd.sim.worker --fd N --death-fd M --config JSON`.
 """
 
 import argparse
@@ -31,7 +31,7 @@ import sys
 import threading
 from datetime import timedelta
 
-from llmuxd import sim_engine
+from llmuxd.sim import engine as sim_engine
 
 NCCL_TIMEOUT_S = 120  # a rank that never joins must not hang the others forever
 

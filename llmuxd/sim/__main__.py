@@ -1,0 +1,3 @@
+from llmuxd.sim.server import main
+
+main()
