@@ -7,16 +7,14 @@ Every problem found is reported, each as ``FILE:LINE: message``, in one
 :class:`CatalogError`; bad input never escapes as another exception.
 
 It is pure: the only I/O is reading those files (and listing ``models.d``).
-It imports nothing else from llmuxd.
+Value converters live in catalog_values.py, the key-to-line scanner in toml_lines.py.
 """
 from __future__ import annotations
 
 import copy
 import difflib
-import math
 import os
 import re
-import shlex
 import stat
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,8 +23,11 @@ from typing import Any, Callable
 import tomlkit
 from tomlkit.exceptions import ParseError
 
+from . import catalog_values as cv
 from . import gpu_memory
+from .catalog_values import parse_duration
 from .gpu_memory import parse_size
+from .toml_lines import BARE_KEY, locate_keys
 
 
 class CatalogError(Exception):
@@ -146,303 +147,48 @@ class Catalog:
         return getattr(self.daemon, key) if value is None else value
 
 
-# ---------------------------------------------------------------- durations
+# ---------------------------------------------------------------- keys
 
-_DURATION_RE = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?"
-                          r"(?:(\d+(?:\.\d+)?)s)?(?:(\d+(?:\.\d+)?)ms)?")
-_DURATION_HELP = 'a number of seconds, or a string like "30s", "5m", "1h30m", "500ms"'
-
-
-def parse_duration(value: Any, where: str) -> float:
-    """Seconds from a number (>= 0) or a unit string ("1m30s"); ValueError otherwise."""
-    prefix = f"{where}: " if where else ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value) if abs(value) < 1e300 else math.inf
-    elif isinstance(value, str):
-        m = _DURATION_RE.fullmatch(value.strip())
-        if not value.strip() or m is None:
-            raise ValueError(f"{prefix}invalid duration {value!r} (expected {_DURATION_HELP})")
-        h, mi, s, ms = (float(g) if g else 0.0 for g in m.groups())
-        seconds = h * 3600 + mi * 60 + s + ms / 1000
-    else:
-        raise ValueError(f"{prefix}expected a duration ({_DURATION_HELP}), got {_type_name(value)}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{prefix}duration must be a finite number >= 0, got {value!r}")
-    return seconds
-
-
-# ---------------------------------------------------------------- converters
-
-_TYPE_NAMES = {bool: "boolean", int: "integer", str: "string", list: "array", dict: "table"}
-
-
-def _type_name(value: Any) -> str:
-    return _TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def _expect(value: Any, where: str, types: tuple, what: str) -> Any:
-    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-        raise ValueError(f"{where}: expected {what}, got {_type_name(value)}")
-    return value
-
-
-def _string(value: Any, where: str, nonempty: bool = True) -> str:
-    _expect(value, where, (str,), "a string")
-    if nonempty and not value.strip():
-        raise ValueError(f"{where}: must not be empty")
-    return value
-
-
-def _integer(value: Any, where: str, lo: int = 0, hi: int | None = None) -> int:
-    _expect(value, where, (int,), "an integer")
-    if value < lo or (hi is not None and value > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise ValueError(f"{where}: must be {bounds}, got {value}")
-    return value
-
-
-def _positive(value: Any, where: str) -> float:
-    seconds = parse_duration(value, where)
-    if seconds <= 0:
-        raise ValueError(f"{where}: must be greater than 0")
-    return seconds
-
-
-def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
-    text = _string(value, where)
-    if text not in choices:
-        raise ValueError(f"{where}: expected one of {', '.join(map(repr, choices))}, got {text!r}")
-    return text
-
-
-def _mode(value: Any, where: str) -> int:
-    if isinstance(value, str):
-        if not re.fullmatch(r"(0o)?[0-7]{1,4}", value.strip()):
-            raise ValueError(f'{where}: expected octal digits like "0660", got {value!r}')
-        value = int(value.strip().replace("0o", ""), 8)
-    else:
-        _expect(value, where, (int,), 'an octal mode string like "0660"')
-    if not 0 <= value <= 0o777:
-        raise ValueError(f"{where}: must be between 0 and 0o777, got {oct(value)}")
-    return value
-
-
-def _command(value: Any, where: str) -> tuple[str, ...]:
-    if isinstance(value, str):
-        try:
-            argv = shlex.split(value)
-        except ValueError as e:
-            raise ValueError(f"{where}: cannot split command: {e}") from None
-    else:
-        argv = _string_list(value, where)
-    if not argv or not argv[0]:
-        raise ValueError(f"{where}: must name a program (a string or a non-empty list of strings)")
-    return tuple(argv)
-
-
-def _principal(value: Any, where: str) -> str:
-    """A user or group given by name or number; kept as a string."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return str(value)
-    return _string(value, where)
-
-
-def _principals(value: Any, where: str) -> tuple[str, ...]:
-    _expect(value, where, (list,), "an array of names or ids")
-    return tuple(_principal(item, f"{where}[{i}]") for i, item in enumerate(value))
-
-
-_ACCESS_KEYS = {"users": _principals, "groups": _principals}
-
-
-def _listen(value: Any, where: str) -> str:
-    """ "HOST:PORT" ("[::1]:8000" for IPv6); "" means no front. Checked here, split later."""
-    text = _string(value, where, nonempty=False).strip()
-    if text:
-        _split_listen(text, where)
-    return text
-
-
-def _split_listen(text: str, where: str = "") -> tuple[str, int]:
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", text)
-    if m is None:
-        raise ValueError(f'{where}: expected "HOST:PORT" (e.g. "127.0.0.1:8000" or '
-                         f'"[::1]:8000"), got {text!r}')
-    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-    if not 1 <= int(port) <= 65535:
-        raise ValueError(f"{where}: port must be between 1 and 65535, got {port}")
-    return host, int(port)
-
-
-def _api_keys(value: Any, where: str) -> tuple[str, ...]:
-    keys = _string_list(value, where)
-    for i, key in enumerate(keys):
-        # A key is compared byte for byte with what follows "Bearer ": no room for blanks.
-        if not key or not key.isprintable() or any(c.isspace() for c in key):
-            raise ValueError(f"{where}[{i}]: an API key must be non-empty printable text "
-                             "without spaces")
-    return keys
-
-
+_ACCESS_KEYS = {"users": cv.principals, "groups": cv.principals}
 _FRONT_KEYS: dict[str, Callable[[Any, str], Any]] = {
-    "listen": _listen, "api_keys": _api_keys, "queue_timeout": lambda v, w: parse_duration(v, w),
+    "listen": cv.listen, "api_keys": cv.api_keys, "queue_timeout": lambda v, w: parse_duration(v, w),
     "min_active": lambda v, w: parse_duration(v, w),
-    "max_queue": lambda v, w: _integer(v, w, lo=1, hi=1_000_000)}
-
-
-def _aliases(value: Any, where: str) -> tuple[str, ...]:
-    names = _string_list(value, where)
-    for i, name in enumerate(names):
-        if not name.strip() or len(name) > 256 or not name.isprintable() or " " in name:
-            raise ValueError(f"{where}[{i}]: an alias must be non-empty printable text without "
-                             "spaces, at most 256 characters")
-    return names
-
-
-def _string_list(value: Any, where: str) -> tuple[str, ...]:
-    _expect(value, where, (list,), "an array of strings")
-    for i, item in enumerate(value):
-        _expect(item, f"{where}[{i}]", (str,), "a string")
-    return tuple(value)
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-
-def _env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
-    _expect(value, where, (dict,), "a table of strings")
-    for key, item in value.items():
-        if not _ENV_NAME.fullmatch(key):
-            raise ValueError(f"{where}: {key!r} is not a valid environment variable name")
-        if not isinstance(item, str):
-            err = ValueError(f"{where}.{key}: expected a string, got {_type_name(item)}")
-            err.key = key  # type: ignore[attr-defined]  # lets the caller find its line
-            raise err
-    return tuple(value.items())
-
-
-# Converters per key; each takes (value, where) and returns the converted value
-# or raises ValueError("where: message").
+    "max_queue": lambda v, w: cv.integer(v, w, lo=1, hi=1_000_000)}
+# Converters per key (catalog_values.py); each takes (value, where) and returns the
+# converted value or raises ValueError("where: message").
 _Conv = Callable[[Any, str], Any]
-_maybe_empty: _Conv = partial(_string, nonempty=False)
+_maybe_empty: _Conv = partial(cv.string, nonempty=False)
 _duration: _Conv = parse_duration
 _CHECKPOINT_KEYS: dict[str, _Conv] = {
-    "criu_path": _string, "cuda_checkpoint": _string, "cuda_plugin_dir": _string,
-    "images_dir": _maybe_empty, "ghost_limit": _integer, "criu_timeout": _duration,
+    "criu_path": cv.string, "cuda_checkpoint": cv.string, "cuda_plugin_dir": cv.string,
+    "images_dir": _maybe_empty, "ghost_limit": cv.integer, "criu_timeout": _duration,
     "cuda_timeout": _duration,
-    "network_lock": lambda v, where: _choice(v, where, ("nftables", "iptables", "skip"))}
+    "network_lock": lambda v, where: cv.choice(v, where, ("nftables", "iptables", "skip"))}
 _DAEMON_KEYS: dict[str, _Conv | None] = {
-    "socket": _string, "socket_mode": _mode, "state_dir": _string, "log_dir": _maybe_empty,
-    "vllm_command": _command, "default_model": _string, "drain_timeout": _duration,
+    "socket": cv.string, "socket_mode": cv.mode, "state_dir": cv.string, "log_dir": _maybe_empty,
+    "vllm_command": cv.command, "default_model": cv.string, "drain_timeout": _duration,
     "stop_timeout": _duration, "startup_timeout": _duration, "sleep_timeout": _duration,
-    "wake_timeout": _duration, "health_interval": _positive,
-    "health_failures": partial(_integer, lo=1), "restart_limit": _integer,
+    "wake_timeout": _duration, "health_interval": cv.positive,
+    "health_failures": partial(cv.integer, lo=1), "restart_limit": cv.integer,
     "restart_window": _duration, "restart_backoff": _duration, "checkpoint": None,
-    "access": None, "front": None, "socket_group": lambda v, where: _principal(v, where),
-    "max_clients": partial(_integer, lo=1, hi=100_000), "client_timeout": _positive,
-    "shutdown": lambda v, where: _choice(v, where, ("stop", "checkpoint", "keep")),
+    "access": None, "front": None, "socket_group": lambda v, where: cv.principal(v, where),
+    "max_clients": partial(cv.integer, lo=1, hi=100_000), "client_timeout": cv.positive,
+    "shutdown": lambda v, where: cv.choice(v, where, ("stop", "checkpoint", "keep")),
     "gpu_memory": parse_size,
 }
 _MODEL_KEYS: dict[str, _Conv] = {
-    "model": _string, "port": partial(_integer, lo=1, hi=65535),
-    "sleep_level": partial(_integer, lo=1, hi=5), "args": _string_list, "env": _env,
-    "cwd": _string, "startup_timeout": _duration, "drain_timeout": _duration,
-    "stop_timeout": _duration, "aliases": _aliases,
-    "keep_images": lambda v, where: _expect(v, where, (bool,), "a boolean (true or false)"),
-    "checkpoint_sleep": partial(_integer, lo=0, hi=2), "gpu_memory": parse_size}
+    "model": cv.string, "port": partial(cv.integer, lo=1, hi=65535),
+    "sleep_level": partial(cv.integer, lo=1, hi=5), "args": cv.string_list, "env": cv.env,
+    "cwd": cv.string, "startup_timeout": _duration, "drain_timeout": _duration,
+    "stop_timeout": _duration, "aliases": cv.aliases,
+    "keep_images": lambda v, where: cv.expect(v, where, (bool,), "a boolean (true or false)"),
+    "checkpoint_sleep": partial(cv.integer, lo=0, hi=2), "gpu_memory": parse_size}
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The catalog is parsed on the loop's thread (a reload): bound what one parse may cost.
 # tomlkit needs ~0.6 ms a model; these limits keep a reload well under a second.
 MAX_MODELS = 1000
 MAX_FILE_BYTES = 1 << 20
 _TABLE = re.compile(rb"^[ \t]*\[", re.M)
-
-
-# ---------------------------------------------------------------- line locator
-
-_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_BASIC_KEY = re.compile(r'"((?:[^"\\]|\\.)*)"')
-_LITERAL = re.compile(r"'([^']*)'")
-
-
-def _parse_key(text: str, i: int) -> tuple[list[str], int] | None:
-    """Parse a (dotted, possibly quoted) key at text[i:]; return (parts, end) or None."""
-    parts: list[str] = []
-    while True:
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        quote = text[i:i + 1]
-        m = {'"': _BASIC_KEY, "'": _LITERAL}.get(quote, _BARE_KEY).match(text, i)
-        if m is None:
-            return None
-        part = m.group(m.re.groups)  # the quoted text, or the whole bare key
-        parts.append(re.sub(r"\\(.)", r"\1", part) if quote == '"' else part)
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if text[i:i + 1] != ".":
-            return parts, i
-        i += 1
-
-
-def _scan_value(text: str, i: int, depth: int, ml: str | None) -> tuple[int, str | None]:
-    """Advance over a value, tracking bracket depth and open multi-line strings."""
-    while i < len(text):
-        if ml is not None:
-            end = text.find(ml, i)
-            if end < 0:
-                return depth, ml
-            i, ml = end + 3, None
-            continue
-        c = text[i]
-        if c == "#":
-            break
-        if text.startswith(('"""', "'''"), i):
-            ml, i = text[i:i + 3], i + 3
-        elif c in "\"'":
-            m = (_BASIC_KEY if c == '"' else _LITERAL).match(text, i)
-            i = m.end() if m else len(text)
-        else:
-            depth += (c in "[{") - (c in "]}")
-            i += 1
-    return depth, ml
-
-
-def locate_keys(text: str, repeats: list[int] | None = None) -> dict[tuple[str, ...], int]:
-    """Map every key path and table header in TOML text to its first line (1-based).
-
-    Lines that define a key or [table] a second time are appended to repeats.
-    """
-    lines: dict[tuple[str, ...], int] = {}
-    defined: set[tuple[str, ...]] = set()
-    table: tuple[str, ...] = ()
-    depth, ml = 0, None
-
-    def record(path: tuple[str, ...], lineno: int, again: bool = True) -> None:
-        if path in defined and again and repeats is not None:
-            repeats.append(lineno)
-        defined.add(path)
-        for n in range(1, len(path) + 1):
-            lines.setdefault(path[:n], lineno)
-
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if ml is not None or depth > 0:
-            depth, ml = _scan_value(line, 0, depth, ml)
-            continue
-        stripped = line.lstrip()
-        start = len(line) - len(stripped)
-        if stripped.startswith("["):
-            double = stripped.startswith("[[")
-            parsed = _parse_key(line, start + (2 if double else 1))
-            if parsed is not None:
-                table = tuple(parsed[0])
-                record(table, lineno, again=not double)
-            continue
-        parsed = _parse_key(line, start) if stripped and stripped[0] != "#" else None
-        if parsed is not None and line[parsed[1]:parsed[1] + 1] == "=":
-            record(table + tuple(parsed[0]), lineno)
-            depth, ml = _scan_value(line, parsed[1] + 1, 0, None)
-    return lines
 
 
 # ---------------------------------------------------------------- loading
@@ -518,7 +264,7 @@ class _File:
     def section(self, value: Any, path: tuple[str, ...], allowed: dict) -> dict[str, Any]:
         """Check that value is a table with only allowed keys; return it (or {})."""
         if not isinstance(value, dict):
-            self.error(path, f"{_dotted(path)}: expected a table, got {_type_name(value)}")
+            self.error(path, f"{_dotted(path)}: expected a table, got {cv.type_name(value)}")
             return {}
         for key in value:
             if key not in allowed:
@@ -544,7 +290,7 @@ class _File:
 
 
 def _dotted(path: tuple[str, ...]) -> str:
-    return ".".join(p if _BARE_KEY.fullmatch(p) else f'"{p}"' for p in path)
+    return ".".join(p if BARE_KEY.fullmatch(p) else f'"{p}"' for p in path)
 
 
 def _resolve(base: str, path: str) -> str:
@@ -579,7 +325,7 @@ def _daemon(f: _File, plain: dict, doc: Any, base: str) -> DaemonSettings:
     front_table = f.section(table.get("front", {}), ("daemon", "front"), _FRONT_KEYS)
     front = f.convert(front_table, ("daemon", "front"), _FRONT_KEYS)
     if front.get("listen"):
-        front["host"], front["port"] = _split_listen(front["listen"])
+        front["host"], front["port"] = cv.split_listen(front["listen"])
     values["front"] = FrontSettings(**front)
     if "gpu_memory" in values:
         values["gpu_memory_declared"] = True
@@ -620,7 +366,7 @@ def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
             aliases: dict[str, tuple[str, str]], size_lines: dict[str, str]) -> None:
     table = plain.get("models", {})
     if not isinstance(table, dict):
-        f.error(("models",), f"models: expected a table, got {_type_name(table)}")
+        f.error(("models",), f"models: expected a table, got {cv.type_name(table)}")
         return
     for name, value in table.items():
         path = ("models", name)
@@ -630,7 +376,7 @@ def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
             continue
         seen[name] = f.where(path)
         if not isinstance(value, dict):
-            f.error(path, f"{where}: expected a table, got {_type_name(value)}")
+            f.error(path, f"{where}: expected a table, got {cv.type_name(value)}")
             continue
         if not _MODEL_NAME.fullmatch(name):
             f.error(path, f"{where}: invalid model name {name!r} (letters, digits, '.', '_', "

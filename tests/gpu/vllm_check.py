@@ -9,6 +9,8 @@ writes JSON lines (one per step) and a Markdown table:
           again; both checkpointed at once), greedy output compared after every
           wake, llmuxd killed with SIGKILL and adoption checked, then a shutdown
           that must leave no process of any model's group.
+  resident three models of 27 GiB under a 64 GiB budget, used only through the front
+          with the openai client: two resident answer in turn, the third evicts the LRU.
   weights a KV-heavy model (GPU footprint mostly KV cache) checkpointed with
           checkpoint_sleep 0, 1 and 2, in suspend and plugin mode: image size,
           dump, restore and total wake seconds.
@@ -23,6 +25,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,8 +76,9 @@ def gpu_used() -> int:
 
 
 class Llmuxd:
-    def __init__(self, work: Path, models: dict, criu: str, plugin_dir: str) -> None:
-        self.work, self.models, self.criu = work, models, criu
+    def __init__(self, work: Path, models: dict, criu: str, plugin_dir: str,
+                 daemon_extra: tuple[str, ...] = ()) -> None:
+        self.work, self.models, self.criu, self.daemon_extra = work, models, criu, daemon_extra
         self.sock = str(work / "llmux.sock")
         self.cfg = work / "llmux.toml"
         self.write(plugin_dir)
@@ -84,13 +88,14 @@ class Llmuxd:
         lines = ["[daemon]", f'socket = "{self.sock}"', f'state_dir = "{self.work}/state"',
                  f'vllm_command = {json.dumps(os.environ.get("LLMUX_VLLM", "vllm").split())}',
                  'startup_timeout = "10m"', "stop_timeout = 30", "drain_timeout = 30",
-                 "sleep_timeout = 300", "wake_timeout = 300",
+                 "sleep_timeout = 300", "wake_timeout = 300", *self.daemon_extra,
                  "[daemon.checkpoint]", f'criu_path = "{self.criu}"',
                  f'cuda_plugin_dir = "{plugin_dir}"', f'images_dir = "{self.work}/images"']
         for name, m in self.models.items():
             lines += [f"[models.{name}]", f'model = "{m["path"]}"', f"port = {m['port']}",
                       f"sleep_level = {m.get('level', 4)}",
                       f"checkpoint_sleep = {m.get('checkpoint_sleep', 1)}",
+                      *([f'gpu_memory = "{m["gpu_memory"]}"'] if "gpu_memory" in m else []),
                       "args = " + json.dumps(["--enforce-eager", "--gpu-memory-utilization",
                                               str(m["util"]), "--max-model-len", "2048"]),
                       "env = " + "{ " + ", ".join(f'{k} = "{v}"' for k, v in ENV.items()) + " }"]
@@ -269,9 +274,95 @@ def weights(work: Path, model: Path, criu: str, plugin_dir: str, empty_dir: str,
         d.shutdown()
 
 
+FRONT = "127.0.0.1:18000"
+
+
+def front_get(path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://{FRONT}{path}", timeout=30) as r:
+            return r.status, r.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def resident(work: Path, model: Path, criu: str, plugin_dir: str, rec: Recorder) -> None:
+    """Three real vLLMs of 27 GiB under a 64 GiB budget, used only through the front with the
+    openai client: two stay resident and answer in turn without a swap; the third evicts the
+    least recently used; a pooled upstream connection idle past uvicorn's keep-alive still works."""
+    from openai import OpenAI
+    models = {n: {"path": str(model), "port": 18120 + i, "util": 0.18, "level": 1,
+                  "gpu_memory": "27GiB"} for i, n in enumerate("abc")}
+    d = Llmuxd(work, models, criu, plugin_dir,
+               daemon_extra=('gpu_memory = "64GiB"', "[daemon.front]", f'listen = "{FRONT}"'))
+    d.start()
+    client = OpenAI(base_url=f"http://{FRONT}/v1", api_key="unused", max_retries=0, timeout=900)
+
+    def ask(name: str) -> tuple[str, float]:
+        t0 = time.monotonic()
+        r = client.completions.create(model=name, prompt=PROMPT, max_tokens=24, temperature=0)
+        return r.choices[0].text, round(time.monotonic() - t0, 3)
+
+    def snapshot() -> dict:
+        st = d.call({"cmd": "status"})
+        return {"resident": st.get("resident"), "gpu": st.get("gpu"),
+                "models": {n: {k: m.get(k) for k in ("state", "pid", "gpu_measured", "level")}
+                           for n, m in st["models"].items()}}
+    try:
+        ref = {}
+        for name in ("a", "b"):
+            ref[name], secs = ask(name)
+            rec.add(step=f"first request for {name} (cold start through the front)", seconds=secs,
+                    status=snapshot())
+        before = snapshot()
+        turns = []
+        for name in ("a", "b") * 4:
+            text, secs = ask(name)
+            turns.append({"model": name, "seconds": secs, "identical": text == ref[name]})
+        after = snapshot()
+        rec.add(step="a and b in turn, both resident", turns=turns,
+                no_swap=before["models"] == after["models"], resident=after["resident"],
+                gpu=after["gpu"], measured={n: after["models"][n]["gpu_measured"] for n in "ab"})
+        text, secs = ask("a")  # a is now the most recently used; b the least
+        ref["c"], secs = ask("c")
+        st = snapshot()
+        rec.add(step="first request for c (evicts the least recently used)", seconds=secs,
+                resident=st["resident"], states={n: m["state"] for n, m in st["models"].items()},
+                expected_evicted="b")
+        text, secs = ask("a")
+        rec.add(step="a after c came in", seconds=secs, identical=text == ref["a"],
+                resident=snapshot()["resident"])
+        time.sleep(7)  # past uvicorn's 5 s keep-alive: the front's pooled connection is closed
+        text, secs = ask("a")
+        rec.add(step="a after 7 s idle (stale keep-alive)", seconds=secs, identical=text == ref["a"])
+        events, t0 = 0, time.monotonic()
+        for _ in client.completions.create(model="c", prompt=PROMPT, max_tokens=64, temperature=0,
+                                           stream=True):
+            events += 1
+        rec.add(step="stream from c through the front", events=events,
+                seconds=round(time.monotonic() - t0, 3))
+        text, secs = ask("b")
+        st = snapshot()
+        rec.add(step="b again (wakes from level 1)", seconds=secs, identical=text == ref["b"],
+                resident=st["resident"], states={n: m["state"] for n, m in st["models"].items()})
+        code, body = front_get("/v1/models")
+        rec.add(step="GET /v1/models", code=code, body=body[:800])
+        code, body = front_get("/metrics")
+        rec.add(step="GET /metrics of the front", code=code,
+                lines=[ln for ln in body.splitlines() if ln.startswith("llmux")][:60])
+        shown = subprocess.run([sys.executable, "-m", "llmuxctl", "--socket", d.sock, "status"],
+                               capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, COLUMNS="80"))
+        rec.add(step="llmuxctl status", text=shown.stdout + shown.stderr)
+        groups = {m["pid"] for m in snapshot()["models"].values() if m.get("pid")}
+    finally:
+        d.shutdown()
+    time.sleep(1)
+    rec.add(step="after shutdown", exit_code=d.proc.returncode,
+            processes_left={g: group_alive(g) for g in groups})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("scenario", choices=["cycle", "weights"])
+    ap.add_argument("scenario", choices=["cycle", "weights", "resident"])
     ap.add_argument("--criu", required=True)
     ap.add_argument("--plugin-dir", required=True)
     ap.add_argument("--work", default="/tmp/llmux-vllm")
@@ -288,10 +379,11 @@ def main() -> None:
     rec = Recorder(Path(opts.out))
     t0 = time.monotonic()
     try:
-        if opts.scenario == "cycle":
+        if opts.scenario in ("cycle", "resident"):
             path = Path(opts.work) / "tiny"
             make_model(path, 256, 2)
-            cycle(work, path, opts.criu, opts.plugin_dir, rec)
+            run = cycle if opts.scenario == "cycle" else resident
+            run(work, path, opts.criu, opts.plugin_dir, rec)
         else:
             path = Path(opts.work) / "big"
             make_model(path, 3072, 16)
