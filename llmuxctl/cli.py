@@ -7,6 +7,7 @@ stderr) · 2 usage error · 3 the daemon cannot be reached.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import click
@@ -69,7 +70,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
     else:
-        click.echo(render.status_table(reply, colour=sys.stdout.isatty()))
+        width = shutil.get_terminal_size((80, 24)).columns  # $COLUMNS, the tty, else 80
+        click.echo(render.status_table(reply, colour=sys.stdout.isatty(), width=width))
 
 
 @main.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -97,6 +98,7 @@ class DaemonSettings:
     # when neither is known (then every model is exclusive, as in v1).
     gpu_memory: int | None = None
     gpu_memory_declared: bool = False
+    metrics_listen: str = ""               # "HOST:PORT" on loopback for GET /metrics; "" = none
     checkpoint: CheckpointSettings = CheckpointSettings()
     access: AccessSettings = AccessSettings()
     front: FrontSettings = FrontSettings()
@@ -259,11 +261,30 @@ def _listen(value: Any, where: str) -> str:
     """ "HOST:PORT" ("[::1]:8000" for IPv6); "" means no front. Checked here, split later."""
     text = _string(value, where, nonempty=False).strip()
     if text:
-        _split_listen(text, where)
+        split_listen(text, where)
     return text
 
 
-def _split_listen(text: str, where: str = "") -> tuple[str, int]:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def _metrics_listen(value: Any, where: str) -> str:
+    """Loopback only: the metrics port has no API key (the front's /metrics has)."""
+    text = _listen(value, where)
+    if text and not is_loopback(split_listen(text, where)[0]):
+        raise ValueError(f"{where}: {text!r} is not a loopback address: this port serves "
+                         "metrics without a key; scrape from afar through [daemon.front] "
+                         "(GET /metrics, behind its api_keys) or a proxy")
+    return text
+
+
+def split_listen(text: str, where: str = "") -> tuple[str, int]:
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([A-Za-z0-9.-]+):(\d{1,5})", text)
     if m is None:
         raise ValueError(f'{where}: expected "HOST:PORT" (e.g. "127.0.0.1:8000" or '
@@ -341,7 +362,7 @@ _DAEMON_KEYS: dict[str, _Conv | None] = {
     "access": None, "front": None, "socket_group": lambda v, where: _principal(v, where),
     "max_clients": partial(_integer, lo=1, hi=100_000), "client_timeout": _positive,
     "shutdown": lambda v, where: _choice(v, where, ("stop", "checkpoint", "keep")),
-    "gpu_memory": parse_size,
+    "gpu_memory": parse_size, "metrics_listen": _metrics_listen,
 }
 _MODEL_KEYS: dict[str, _Conv] = {
     "model": _string, "port": partial(_integer, lo=1, hi=65535),
@@ -579,7 +600,7 @@ def _daemon(f: _File, plain: dict, doc: Any, base: str) -> DaemonSettings:
     front_table = f.section(table.get("front", {}), ("daemon", "front"), _FRONT_KEYS)
     front = f.convert(front_table, ("daemon", "front"), _FRONT_KEYS)
     if front.get("listen"):
-        front["host"], front["port"] = _split_listen(front["listen"])
+        front["host"], front["port"] = split_listen(front["listen"])
     values["front"] = FrontSettings(**front)
     if "gpu_memory" in values:
         values["gpu_memory_declared"] = True
@@ -603,8 +624,10 @@ def _check_sizes(daemon: DaemonSettings, models: dict[str, ModelSpec], problems:
 
 
 def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec],
-                 aliases: dict[str, tuple[str, str]], problems: list[str]) -> None:
-    """The names the front routes by are unique, and its port is no model's."""
+                 aliases: dict[str, tuple[str, str]], problems: list[str],
+                 metrics_where: str = "") -> None:
+    """The names the front routes by are unique, and its port (and the metrics port)
+    is no model's."""
     for alias, (owner, line) in aliases.items():
         if alias in models:
             problems.append(f"{line}: models.{owner}.aliases: {alias!r} is the name of model "
@@ -613,6 +636,15 @@ def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec
         if daemon.front.port and spec.port == daemon.front.port:
             problems.append(f"{where}: daemon.front.listen: port {spec.port} is also the port "
                             f"of model '{spec.name}'")
+    if not daemon.metrics_listen:
+        return
+    port = split_listen(daemon.metrics_listen)[1]
+    taken = [f"the port of model '{s.name}'" for s in models.values() if s.port == port]
+    if port == daemon.front.port:
+        taken.append("daemon.front.listen's (the front serves /metrics itself)")
+    if taken:
+        problems.append(f"{metrics_where}: daemon.metrics_listen: port {port} is also "
+                        f"{taken[0]}")
 
 
 def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
@@ -712,7 +744,8 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
         problems.append(f"{where}: daemon.default_model: no model named "
                         f"'{daemon.default_model}' is defined")
     _check_front(main_file.where(("daemon", "front", "listen")) if main_file else f"{main}:0",
-                 daemon, models, aliases, problems)
+                 daemon, models, aliases, problems,
+                 main_file.where(("daemon", "metrics_listen")) if main_file else f"{main}:0")
     _check_sizes(daemon, models, problems, size_lines)
     if problems:
         return None, problems
