@@ -40,8 +40,9 @@ def call(ctx: click.Context, obj: dict, timeout: float | None = 30.0, on_event=N
             raise
         # The daemon does not cancel a job when its client goes: say so, not "Aborted!".
         what = f"{obj['cmd']} {obj.get('model') or ''}".strip()
+        logs = f" or `llmuxctl logs {obj['model']} -f`" if obj.get("model") else ""
         click.echo(f"\nllmuxctl: interrupted; the {what} goes on in llmuxd (follow it with "
-                   "`llmuxctl status`)", err=True)
+                   f"`llmuxctl status`{logs})", err=True)
         ctx.exit(130)
     except Unreachable as exc:
         click.echo(f"llmuxctl: {exc}\n(is llmuxd running? pass --socket PATH or set LLMUX_SOCKET)",
