@@ -169,3 +169,17 @@ def test_check_refuses_a_metrics_port_beyond_loopback(make_daemon):
     r = subprocess.run([sys.executable, "-m", "llmuxd", "--config", str(taken.config), "--check"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "is also the port of model 'a'" in r.stderr
+
+
+def test_a_taken_metrics_port_is_a_one_line_error(make_daemon):
+    from .daemon_fixture import squat
+    port = free_port()
+    stranger = squat(port)
+    try:
+        d = make_daemon({"a": {}}, {"metrics_listen": f"127.0.0.1:{port}"}, start=False)
+        d.start(wait=False)
+        assert d.proc.wait(30) == 1
+    finally:
+        stranger.close()
+    assert f"llmuxd: daemon.metrics_listen 127.0.0.1:{port}: Address already in use" \
+        in d.daemon_log()

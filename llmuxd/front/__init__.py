@@ -163,7 +163,7 @@ class MetricsPort:
         self.server = FrontServer(daemon.reactor, host, port, self.on_request, lambda task: None)
 
     def start(self) -> None:
-        self.server.start()
+        self.server.start("daemon.metrics_listen")
         log.info("metrics on http://%s/metrics", self.listen)
 
     def close(self) -> None:
