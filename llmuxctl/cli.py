@@ -7,6 +7,7 @@ stderr) · 2 usage error · 3 the daemon cannot be reached.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 
 import click
@@ -39,8 +40,9 @@ def call(ctx: click.Context, obj: dict, timeout: float | None = 30.0, on_event=N
             raise
         # The daemon does not cancel a job when its client goes: say so, not "Aborted!".
         what = f"{obj['cmd']} {obj.get('model') or ''}".strip()
+        logs = f" or `llmuxctl logs {obj['model']} -f`" if obj.get("model") else ""
         click.echo(f"\nllmuxctl: interrupted; the {what} goes on in llmuxd (follow it with "
-                   "`llmuxctl status`)", err=True)
+                   f"`llmuxctl status`{logs})", err=True)
         ctx.exit(130)
     except Unreachable as exc:
         click.echo(f"llmuxctl: {exc}\n(is llmuxd running? pass --socket PATH or set LLMUX_SOCKET)",
@@ -69,7 +71,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(reply, indent=2))
     else:
-        click.echo(render.status_table(reply, colour=sys.stdout.isatty()))
+        width = shutil.get_terminal_size((80, 24)).columns  # $COLUMNS, the tty, else 80
+        click.echo(render.status_table(reply, colour=sys.stdout.isatty(), width=width))
 
 
 @main.command()

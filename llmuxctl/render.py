@@ -21,29 +21,72 @@ def ago(since: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def status_table(status: dict, colour: bool) -> str:
-    rows = [("MODEL", "STATE", "LEVEL", "PID", "PORT", "SINCE", "NOTE")]
+COLUMNS = ("MODEL", "STATE", "LEVEL", "PID", "PORT", "SINCE", "GPU", "RESTARTS")
+
+
+def level_cell(m: dict) -> str:
+    """configured/current: "4/4" asleep at its level, "4/5" stopped instead, "4/-" awake."""
+    current = m.get("current_level")
+    return f"{m.get('sleep_level', '?')}/{current if current is not None else '-'}"
+
+
+def gpu_cell(m: dict) -> str:
+    """Measured (NVML) when known, else the declared size marked "*", else "-"."""
+    if m.get("gpu_measured"):
+        return size(m["gpu_measured"]) + ("!" if m.get("gpu_over") else "")
+    if m.get("gpu_memory"):
+        return size(m["gpu_memory"]) + "*"
+    return "-"
+
+
+def notes_of(m: dict) -> list[str]:
+    notes = []
+    if m.get("restart_pending"):
+        notes.append("restart pending")
+    if m.get("removal_pending"):
+        notes.append("removal pending")
+    if m.get("gpu_over"):
+        notes.append(f"holds {size(m.get('gpu_measured'))}, over its gpu_memory "
+                     f"{size(m.get('gpu_memory'))}")
+    if m.get("last_error"):
+        notes.append(" ".join(str(m["last_error"]).split()))
+    return notes
+
+
+def clip(text: str, width: int) -> str:
+    """One line of at most `width` columns; the whole text is in `status --json`."""
+    return text if len(text) <= width else text[:max(0, width - 3)] + "..."
+
+
+def status_table(status: dict, colour: bool, width: int = 80) -> str:
+    """The table and its footer, no line wider than `width`: a model name too long
+    for the row is shortened, a note that does not fit beside its row goes on its
+    own indented line, clipped."""
+    rows = []
     for name, m in status.get("models", {}).items():
-        notes = []
-        if m.get("restart_pending"):
-            notes.append("restart pending")
-        if m.get("removal_pending"):
-            notes.append("removal pending")
-        if m.get("gpu_memory") or m.get("gpu_measured"):
-            notes.append(gpu_note(m))
-        if m.get("last_error"):
-            notes.append(m["last_error"])
-        rows.append((name, m.get("state", "?"), str(m.get("asleep_level") or m.get("sleep_level")),
-                     str(m.get("pid") or "-"), str(m.get("port", "-")), ago(m.get("since")),
-                     "; ".join(notes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        restarts = m.get("restarts_total", m.get("restarts", 0))
+        rows.append(([name, m.get("state", "?"), level_cell(m), str(m.get("pid") or "-"),
+                      str(m.get("port", "-")), ago(m.get("since")), gpu_cell(m), str(restarts)],
+                     "; ".join(notes_of(m))))
+    widths = [max([len(COLUMNS[i])] + [len(r[0][i]) for r in rows]) for i in range(len(COLUMNS))]
+    rest = sum(widths[1:]) + 2 * (len(COLUMNS) - 1)
+    widths[0] = max(len(COLUMNS[0]), min(widths[0], width - rest))
     lines = []
-    for i, row in enumerate(rows):
-        cells = [row[c].ljust(widths[c]) for c in range(6)]
+    for i, (cells, note) in enumerate([(list(COLUMNS), "NOTE")] + rows):
+        cells = [clip(cells[0], widths[0])] + cells[1:]
+        plain = "  ".join(c.ljust(w) for c, w in zip(cells, widths))
         if colour and i > 0:
-            cells[1] = click.style(cells[1], fg=STATE_COLOURS.get(row[1]))
-        lines.append("  ".join(cells + [row[6]]).rstrip())
-    job = status.get("job")
+            padded = cells[1].ljust(widths[1])
+            cells[1] = click.style(padded, fg=STATE_COLOURS.get(cells[1]))
+            line = "  ".join([cells[0].ljust(widths[0]), cells[1]]
+                             + [c.ljust(w) for c, w in zip(cells[2:], widths[2:])])
+        else:
+            line = plain
+        if note and len(plain) + 2 + len(note) <= width:
+            line, note = f"{line}  {note}", ""
+        lines.append(line.rstrip())
+        if note and i > 0:
+            lines.append(clip("    " + note, width))
     footer = [f"active: {status.get('active') or '-'}"]
     resident = status.get("resident") or []
     if len(resident) > 1 or (status.get("gpu") or {}).get("budget"):
@@ -53,28 +96,26 @@ def status_table(status: dict, colour: bool) -> str:
         free = size(gpu["free"]) if gpu.get("free") is not None else "0 (an exclusive model holds it)" \
             if resident else size(gpu["budget"])
         footer.append(f"gpu budget: {size(gpu['budget'])}, free: {free}")
+    if any(gpu_cell(m).endswith("*") for m in status.get("models", {}).values()):
+        footer.append("GPU: measured by NVML; * declared gpu_memory (not measured)")
+    job = status.get("job")
     if job:
         footer.append(f"running: {job['kind']} {job.get('model') or ''} "
                       f"({job.get('phase') or 'starting'}, {job['elapsed']:.1f}s)")
+    state_error = (status.get("daemon") or {}).get("state_error")
+    if state_error:
+        footer.append(f"state file: {state_error}")
     error = (status.get("config") or {}).get("error")
     if error:
-        footer.append("catalog error (last good catalog in force):\n  " + error.replace("\n", "\n  "))
-    return "\n".join(lines + [""] + footer)
+        footer.append("catalog error (last good catalog in force):")
+        footer += ["  " + line for line in str(error).splitlines()]
+    return "\n".join(lines + [""] + [clip(line, width) for line in footer])
 
 
 def size(n: int | None) -> str:
     if n is None:
         return "-"
     return f"{n / 2**30:.1f}GiB" if n >= 2**30 else f"{n / 2**20:.0f}MiB"
-
-
-def gpu_note(m: dict) -> str:
-    """Declared size, and the measured one once known ("!" when it is over)."""
-    declared = size(m.get("gpu_memory")) if m.get("gpu_memory") else "exclusive"
-    text = f"gpu {declared}"
-    if m.get("gpu_measured"):
-        text += f", measured {size(m['gpu_measured'])}" + (" (over!)" if m.get("gpu_over") else "")
-    return text
 
 
 def progress(event: dict, previous: dict | None = None) -> str:

@@ -98,6 +98,7 @@ class DaemonSettings:
     # when neither is known (then every model is exclusive, as in v1).
     gpu_memory: int | None = None
     gpu_memory_declared: bool = False
+    metrics_listen: str = ""               # "HOST:PORT" on loopback for GET /metrics; "" = none
     checkpoint: CheckpointSettings = CheckpointSettings()
     access: AccessSettings = AccessSettings()
     front: FrontSettings = FrontSettings()
@@ -174,7 +175,7 @@ _DAEMON_KEYS: dict[str, _Conv | None] = {
     "access": None, "front": None, "socket_group": lambda v, where: cv.principal(v, where),
     "max_clients": partial(cv.integer, lo=1, hi=100_000), "client_timeout": cv.positive,
     "shutdown": lambda v, where: cv.choice(v, where, ("stop", "checkpoint", "keep")),
-    "gpu_memory": parse_size,
+    "gpu_memory": parse_size, "metrics_listen": cv.metrics_listen,
 }
 _MODEL_KEYS: dict[str, _Conv] = {
     "model": cv.string, "port": partial(cv.integer, lo=1, hi=65535),
@@ -349,8 +350,10 @@ def _check_sizes(daemon: DaemonSettings, models: dict[str, ModelSpec], problems:
 
 
 def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec],
-                 aliases: dict[str, tuple[str, str]], problems: list[str]) -> None:
-    """The names the front routes by are unique, and its port is no model's."""
+                 aliases: dict[str, tuple[str, str]], problems: list[str],
+                 metrics_where: str = "") -> None:
+    """The names the front routes by are unique, and its port (and the metrics port)
+    is no model's."""
     for alias, (owner, line) in aliases.items():
         if alias in models:
             problems.append(f"{line}: models.{owner}.aliases: {alias!r} is the name of model "
@@ -359,6 +362,15 @@ def _check_front(where: str, daemon: DaemonSettings, models: dict[str, ModelSpec
         if daemon.front.port and spec.port == daemon.front.port:
             problems.append(f"{where}: daemon.front.listen: port {spec.port} is also the port "
                             f"of model '{spec.name}'")
+    if not daemon.metrics_listen:
+        return
+    port = cv.split_listen(daemon.metrics_listen)[1]
+    taken = [f"the port of model '{s.name}'" for s in models.values() if s.port == port]
+    if port == daemon.front.port:
+        taken.append("daemon.front.listen's (the front serves /metrics itself)")
+    if taken:
+        problems.append(f"{metrics_where}: daemon.metrics_listen: port {port} is also "
+                        f"{taken[0]}")
 
 
 def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
@@ -458,7 +470,8 @@ def _load(path: str) -> tuple[Catalog | None, list[str]]:
         problems.append(f"{where}: daemon.default_model: no model named "
                         f"'{daemon.default_model}' is defined")
     _check_front(main_file.where(("daemon", "front", "listen")) if main_file else f"{main}:0",
-                 daemon, models, aliases, problems)
+                 daemon, models, aliases, problems,
+                 main_file.where(("daemon", "metrics_listen")) if main_file else f"{main}:0")
     _check_sizes(daemon, models, problems, size_lines)
     if problems:
         return None, problems

@@ -3,6 +3,7 @@ the form llmuxd uses, or raises ValueError("where: message") for catalog.py to r
 with its file and line. Pure functions, no I/O; catalog.py owns which key uses which."""
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import shlex
@@ -119,6 +120,25 @@ def listen(value: Any, where: str) -> str:
     text = string(value, where, nonempty=False).strip()
     if text:
         split_listen(text, where)
+    return text
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def metrics_listen(value: Any, where: str) -> str:
+    """Loopback only: the metrics port has no API key (the front's /metrics has)."""
+    text = listen(value, where)
+    if text and not is_loopback(split_listen(text, where)[0]):
+        raise ValueError(f"{where}: {text!r} is not a loopback address: this port serves "
+                         "metrics without a key; scrape from afar through [daemon.front] "
+                         "(GET /metrics, behind its api_keys) or a proxy")
     return text
 
 

@@ -88,7 +88,8 @@ class Commands:
         for name, rt in d.runtimes.items():
             spec = d.spec_in_use(name)
             models[name] = {**rt.as_status(), "model": spec.model, "port": spec.port,
-                            "sleep_level": spec.sleep_level, "gpu_memory": spec.gpu_memory}
+                            "sleep_level": spec.sleep_level, "gpu_memory": spec.gpu_memory,
+                            "current_level": current_level(rt)}
             if d.front is not None:
                 models[name]["in_flight"] = d.front.in_flight(name)
         job = None
@@ -227,6 +228,17 @@ class Commands:
 
     def forget_client(self, client) -> None:
         self.followers.pop(client, None)
+
+
+def current_level(rt) -> int | None:
+    """The level a model sits at, apart from the configured one: the level it slept at,
+    5 once its process was stopped (asked, or a sleep that became a stop), None while
+    it is awake, on its way, failed, or was never started."""
+    if rt.state in S.ASLEEP:
+        return rt.asleep_level
+    if rt.state == S.STOPPED and (rt.exit_reason is not None or rt.extra.get("degraded")):
+        return 5
+    return None
 
 
 def stream(client, name: str, text: str, done) -> None:

@@ -16,14 +16,14 @@ import os
 import signal
 import time
 
-from . import checkpoint_io, gpu_memory, launch, procs, seccomp, store, trust
+from . import checkpoint_io, gpu_memory, launch, metrics, procs, seccomp, store, trust
 from . import states as S
 from .actions import HttpResult, describe_http
 from .access import Access
 from .catalog import Catalog, CatalogError, load_catalog
 from .commands import Commands
 from .control import ControlServer
-from .front import Front
+from .front import Front, MetricsPort
 from .http import HttpCall
 from .loop import Reactor
 from .notify import Notifier
@@ -71,6 +71,9 @@ class Daemon:
                                      may_steer=lambda client: self.access.allows(client))
         self.control.on_close.append(self.commands.forget_client)
         self.front = Front(self) if catalog.daemon.front.listen else None
+        self.stats = metrics.Stats()
+        # /metrics is served by the front when there is one; metrics_listen adds a port.
+        self.metrics_port = MetricsPort(self) if catalog.daemon.metrics_listen else None
         # Injectable so that tests (and CPU-only hosts) can say what a tree holds.
         self.gpu_reader = gpu_memory.nvml_process_memory
         self.job: Job | None = None
@@ -79,6 +82,7 @@ class Daemon:
         self.killed_any = False
         self.exit_code: int | None = None
         self.started = time.monotonic()
+        self.started_wall = time.time()
         self.is_pid1 = os.getpid() == 1
         self.pending_pidfds: dict[str, int] = {}
         self.resume: str | None = None  # checkpointed at shutdown: restore it at the next start
@@ -108,6 +112,8 @@ class Daemon:
             store.keep_reserve(d.state_dir)
             if self.front is not None:
                 self.front.start()
+            if self.metrics_port is not None:
+                self.metrics_port.start()
             stored = store.load(d.state_dir)
             log.info("llmuxd %d listening on %s with %d model(s)", os.getpid(), d.socket,
                      len(self.catalog.models))
@@ -130,6 +136,8 @@ class Daemon:
             self.watcher.stop()
             if self.front is not None:
                 self.front.close()
+            if self.metrics_port is not None:
+                self.metrics_port.close()
             self.control.close()
             self.reactor.close()
 
@@ -247,6 +255,8 @@ class Daemon:
                 reply["warning"] = self.state_error
             if isinstance(job.result, dict):
                 reply[kind] = job.result
+            self.stats.job_done(kind, job.model, bool(job.ok), reply["elapsed"], job.phases,
+                                job.warnings)
             for waiter in job.waiters:
                 waiter.finish(reply)
             self.notifier.status(self.status_line())
@@ -330,6 +340,7 @@ class Daemon:
         rt.pid, rt.pgid, rt.start_time, rt.exit_reason = child.pid, child.pid, child.start_time, None
         rt.extra.pop("stop_requested", None)
         rt.extra.pop("restart_pending", None)
+        rt.extra.pop("degraded", None)
         rt.extra["argv_hash"] = launch.argv_hash(argv, spec.env_dict())
         rt.extra["io_uring_blocked"] = no_io_uring
         self.children[name] = child
@@ -420,6 +431,7 @@ class Daemon:
 
     def on_crash(self, name: str, reason: str) -> None:
         rt = self.runtimes[name]
+        self.stats.crash(name)
         if rt.pgid is not None:
             self.signal_model(name, signal.SIGKILL)  # EngineCore outlives its API server
         if rt.state == S.ACTIVE:
@@ -441,6 +453,7 @@ class Daemon:
             return
         delay = min(60.0, d.restart_backoff * 2 ** len(rt.restarts))
         rt.restarts.append(now)
+        rt.restarts_total += 1
         log.warning("%s: restarting in %.1fs (restart %d of %d)", name, delay, len(rt.restarts),
                     d.restart_limit)
         self.reactor.call_later(delay, lambda: self._restart_due(name))
@@ -518,6 +531,7 @@ class Daemon:
         log.warning("%s: health check failed (%d of %d): %s", name, rt.health_failures, limit,
                     describe_http(result))
         if rt.health_failures >= limit:
+            self.stats.crash(name)
             self.advance(name, S.RESTARTING,
                          error=f"unhealthy: {limit} failed health checks ({describe_http(result)})")
             self.schedule_restart(name)
@@ -571,7 +585,7 @@ class Daemon:
             else:
                 notes.append(f"{name} changed")
         fixed = [k for k in ("socket", "socket_mode", "socket_group", "state_dir", "log_dir",
-                             "max_clients", "client_timeout")
+                             "max_clients", "client_timeout", "metrics_listen")
                  if getattr(new.daemon, k) != getattr(old.daemon, k)]
         daemon = new.daemon
         if new.daemon.front.listen != old.daemon.front.listen:

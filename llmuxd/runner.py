@@ -155,6 +155,9 @@ class Runner:
 
     def _degraded(self, job, op: Degraded):
         job.warnings.append(op.text)
+        self.d.stats.degrade(op.model)
+        if op.model in self.d.runtimes:  # status shows the level it ended at (spawn clears it)
+            self.d.runtimes[op.model].extra["degraded"] = op.text
         log.warning("%s: %s", op.model, op.text)
         event = {"event": "warning", "model": op.model, "text": op.text}
         for client in job.waiters:

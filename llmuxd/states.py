@@ -96,6 +96,7 @@ class Runtime:
     asleep_level: int | None = None   # the level it went to sleep at
     exit_reason: str | None = None    # how its main process ended, once it has
     restarts: list[float] = field(default_factory=list)  # monotonic times of recent restarts
+    restarts_total: int = 0           # supervision restarts since llmuxd started
     health_failures: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -103,7 +104,8 @@ class Runtime:
         return {"state": self.state, "pid": self.pid, "since": round(self.since, 3),
                 "last_error": self.last_error, "last_error_at": self.last_error_at,
                 "asleep_level": self.asleep_level,
-                "restarts": len(self.restarts), **self.extra}
+                "restarts": len(self.restarts), "restarts_total": self.restarts_total,
+                **self.extra}
 
 
 def advance(rt: Runtime, state: str, error: str | None = None, **fields) -> None:

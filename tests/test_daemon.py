@@ -12,7 +12,7 @@ import threading
 import time
 import urllib.request
 
-from .daemon_fixture import free_port, group_pids, wait_for
+from .daemon_fixture import free_port, group_pids, squat, wait_for
 
 THREE = {"a": {"sleep_level": 1}, "b": {"sleep_level": 2}, "c": {"sleep_level": 5}}
 
@@ -99,10 +99,7 @@ def test_start_that_exits_fails_fast_with_reason(make_daemon):
 
 def test_stranger_on_the_port_is_refused_by_name(make_daemon):
     d = make_daemon({"a": {"sleep_level": 1}})
-    stranger = socket.socket()
-    stranger.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    stranger.bind(("127.0.0.1", d.ports["a"]))
-    stranger.listen()
+    stranger = squat(d.ports["a"])
     try:
         r = d.ctl("swap", "a")
         assert r.returncode == 1

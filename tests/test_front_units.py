@@ -15,7 +15,7 @@ from llmuxd.catalog import Catalog, DaemonSettings, ModelSpec
 from llmuxd.front import upstream_body
 from llmuxd.front.demand import choose_swap
 from llmuxd.front.proxy import Upstream, request_headers
-from llmuxd.front.routes import FRONT_HEALTH, FRONT_MODELS, Reply, Route, route, split_target
+from llmuxd.front.routes import FRONT_HEALTH, FRONT_METRICS, FRONT_MODELS, Reply, Route, route, split_target
 from llmuxd.front.server import HIGH_WATER, FrontServer
 from llmuxd.loop import Reactor
 
@@ -42,6 +42,7 @@ def test_split_target(target, expected):
 def test_route_classification():
     assert route("GET", "/health", b"", CATALOG) == FRONT_HEALTH
     assert route("GET", "/v1/models", b"", CATALOG) == FRONT_MODELS
+    assert route("GET", "/metrics", b"", CATALOG) == FRONT_METRICS  # llmuxd's own, not vLLM's
     assert route("POST", "/v1/completions", post("bee"), CATALOG) == \
         Route("b", "/v1/completions", post("bee"))
     assert route("POST", "/v1/embeddings?x=1", post("a"), CATALOG).target == "/v1/embeddings?x=1"
@@ -51,7 +52,7 @@ def test_route_classification():
             ("POST", "/v1/completions", post("c"), 404), ("POST", "/v1/completions", b"{", 400),
             ("POST", "/v1/completions", b'{"model": 1}', 400), ("PUT", "/v1/models", b"", 405),
             ("POST", "/upstream/a/sleep", b"", 404), ("POST", "/upstream/a/wake_up", b"", 404),
-            ("POST", "/v1/load_lora_adapter", post("a"), 404), ("GET", "/metrics", b"", 404),
+            ("POST", "/v1/load_lora_adapter", post("a"), 404), ("POST", "/metrics", b"", 405),
             ("POST", "/upstream/c/health", b"", 404), ("POST", "/upstream/a/v1/", b"", 404)]:
         reply = route(method, target, body, CATALOG)
         assert isinstance(reply, Reply) and reply.status == status, (target, reply)

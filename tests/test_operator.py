@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from .daemon_fixture import wait_for
+from .daemon_fixture import squat, wait_for
 
 
 def test_llmux_sim_help_hides_its_internal_subcommand():
@@ -43,7 +43,8 @@ def test_ctrl_c_of_swap_says_the_swap_goes_on(make_daemon):
     time.sleep(0.3)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=10)
-    assert "Aborted" not in err and "goes on in llmuxd" in err
+    assert "Aborted" not in err and "the swap a goes on in llmuxd" in err
+    assert "`llmuxctl status` or `llmuxctl logs a -f`" in err and p.returncode == 130
     wait_for(lambda: d.state("a") == "active", timeout=15, what="the swap to finish anyway")
 
 
@@ -61,3 +62,48 @@ def test_long_start_shows_elapsed_time_and_the_latest_log_line(make_daemon):
     waiting = [ln for ln in r.stdout.splitlines() if "still waiting" in ln]
     assert waiting and "log: " in waiting[0], r.stdout
     assert "(start took " in r.stdout
+
+
+def test_swap_to_a_model_whose_port_is_taken_evicts_nothing(make_daemon):
+    d = make_daemon({"a": {}, "b": {}})
+    assert d.swap("a")["ok"]
+    pid = d.status()["models"]["a"]["pid"]
+    stranger = squat(d.ports["b"])
+    try:
+        r = d.ctl("swap", "b")
+        assert r.returncode == 1 and "already in use" in r.stderr, r.stderr
+    finally:
+        stranger.close()
+    st = d.status()["models"]
+    assert st["a"]["state"] == "active" and st["a"]["pid"] == pid  # never put to sleep
+    assert st["b"]["state"] in ("stopped", "failed")
+    assert "a: drain" not in r.stdout and "a: sleep" not in r.stdout
+
+
+def readme_blocks(section: str) -> list[str]:
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(?:sh)?\n(.*?)```", body, re.S)
+
+
+def test_readme_setup_makes_a_venv_and_the_second_terminal_uses_it():
+    first, second = readme_blocks("Try it (no GPU needed)")[:2]
+    # Debian 12 / Ubuntu 24.04 refuse `pip install` into the system Python (PEP 668).
+    assert first.index("python3 -m venv .venv") < first.index(". .venv/bin/activate") \
+        < first.index("pip install")
+    assert second.splitlines()[0].strip() == ". .venv/bin/activate"
+
+
+def test_readme_lists_no_command_llmuxctl_lacks():
+    from llmuxctl.cli import main
+    listed = set()
+    for block in readme_blocks("llmuxctl") + readme_blocks("Try it (no GPU needed)"):
+        for line in block.splitlines():
+            import re
+            words = re.sub(r"\[[^]]*\]", "", line.split("#")[0]).split()
+            if words[:1] == ["llmuxctl"] and len(words) > 1:
+                listed.add(words[1])
+    assert {"status", "swap", "sleep", "stop", "logs", "shutdown"} <= listed
+    assert listed <= set(main.commands), listed - set(main.commands)

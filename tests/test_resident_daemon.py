@@ -59,7 +59,7 @@ def test_status_table_shows_resident_set_and_budget():
                      "b": {"state": "active", "sleep_level": 1, "gpu_memory": 30 * G}}}
     text = status_table(st, colour=False)
     assert "resident: a, b" in text and "gpu budget: 80.0GiB, free: 20.0GiB" in text
-    assert "gpu 30.0GiB, measured 32.0GiB (over!)" in text
+    assert "32.0GiB!" in text and "holds 32.0GiB, over its gpu_memory 30.0GiB" in text
     v1 = status_table({"active": "a", "resident": ["a"], "gpu": {"budget": None, "free": None},
                        "models": {"a": {"state": "active", "sleep_level": 1}}}, colour=False)
     assert "resident" not in v1 and "gpu" not in v1

@@ -10,26 +10,22 @@ module wires them to the daemon: authentication, and the daemon's view
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 
-from .. import launch
+from .. import launch, metrics
+from ..catalog_values import is_loopback, split_listen
 from .demand import Demand, Task
 from .proxy import Upstream, request_headers
-from .routes import FRONT_HEALTH, FRONT_MODELS, Reply, Route, json_reply, models_list, route
+from .routes import (FRONT_HEALTH, FRONT_METRICS, FRONT_MODELS, Reply, Route, error, json_reply,
+                     models_list, route)
 from .server import FrontServer
 
 log = logging.getLogger(__name__)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve to anything
+def metrics_reply(daemon) -> Reply:
+    return Reply(200, metrics.render(daemon), (("Content-Type", metrics.CONTENT_TYPE),))
 
 
 class Front:
@@ -108,6 +104,8 @@ class Front:
             return
         if what == FRONT_MODELS:
             conn.reply(models_list(self.d.catalog, self.d.runtimes, target.partition("?")[0]))
+        elif what == FRONT_METRICS:  # behind the key like everything but /health: it names
+            conn.reply(metrics_reply(self.d))  # every model and what it is doing
         elif isinstance(what, Reply):
             conn.reply(what)
         else:
@@ -152,3 +150,31 @@ def upstream_body(spec, body: bytes) -> bytes:
         return body
     request["model"] = served[0]
     return json.dumps(request).encode()
+
+
+class MetricsPort:
+    """`[daemon] metrics_listen`: GET /metrics and nothing else, on a loopback port
+    (the catalog refuses any other), through the front's HTTP server and limits."""
+
+    def __init__(self, daemon) -> None:
+        self.d = daemon
+        self.listen = daemon.catalog.daemon.metrics_listen
+        host, port = split_listen(self.listen)
+        self.server = FrontServer(daemon.reactor, host, port, self.on_request, lambda task: None)
+
+    def start(self) -> None:
+        self.server.start("daemon.metrics_listen")
+        log.info("metrics on http://%s/metrics", self.listen)
+
+    def close(self) -> None:
+        self.server.close()
+
+    def on_request(self, conn) -> None:
+        req = conn.request
+        path = req.target.decode("latin-1").partition("?")[0]
+        if path != "/metrics":
+            conn.reply(error(404, f"{path[:200]}: only /metrics is served here"))
+        elif req.method not in (b"GET", b"HEAD"):
+            conn.reply(error(405, "only GET /metrics is served here"))
+        else:
+            conn.reply(metrics_reply(self.d))

@@ -1,6 +1,6 @@
 """Which model a request needs and what the front answers itself. Pure: no sockets.
 
-A request is one of: the front's own (`/health`, `GET /v1/models`), a model's
+A request is one of: the front's own (`/health`, `/metrics`, `GET /v1/models`), a model's
 (`POST /v1/...` by the JSON body's "model", `/upstream/NAME/PATH`), or an
 error. vLLM's development endpoints (sleep, wake, RPC, weight updates, LoRA
 loading, profiling...) answer to whoever reaches them, and llmuxd runs as root
@@ -49,6 +49,7 @@ class Route:
 
 FRONT_HEALTH = "health"
 FRONT_MODELS = "models"
+FRONT_METRICS = "metrics"   # llmuxd's own; a model's is /upstream/NAME/metrics
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
           405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
@@ -112,6 +113,10 @@ def route(method: str, target: str, body: bytes, catalog):
     path, query = split
     if path == "/health":
         return FRONT_HEALTH
+    if path == "/metrics":
+        if method not in ("GET", "HEAD"):
+            return error(405, f"{method} /metrics: only GET is allowed")
+        return FRONT_METRICS
     if path == "/v1/models" or path.startswith("/v1/models/"):
         if method not in ("GET", "HEAD"):
             return error(405, f"{method} {path}: only GET is allowed")

@@ -255,11 +255,15 @@ class FrontServer:
         self.answer_limit = 3600.0     # one answer, request complete to last byte
         self.sweep = SWEEP
 
-    def start(self) -> None:
+    def start(self, what: str = "daemon.front.listen") -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # not REUSEPORT: one owner
-        sock.bind((self.host, self.port))
+        try:
+            sock.bind((self.host, self.port))
+        except OSError as exc:  # name the key: "Address already in use" alone says little
+            sock.close()
+            raise OSError(f"{what} {self.host}:{self.port}: {exc.strerror or exc}") from None
         sock.listen(1024)
         sock.setblocking(False)
         self.sock = sock
