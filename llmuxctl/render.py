@@ -49,17 +49,28 @@ def status_table(status: dict, colour: bool) -> str:
     if len(resident) > 1 or (status.get("gpu") or {}).get("budget"):
         footer.append(f"resident: {', '.join(resident) or '-'}")
     gpu = status.get("gpu") or {}
-    if gpu.get("budget"):
-        free = size(gpu["free"]) if gpu.get("free") is not None else "0 (an exclusive model holds it)" \
-            if resident else size(gpu["budget"])
-        footer.append(f"gpu budget: {size(gpu['budget'])}, free: {free}")
-    if job:
-        footer.append(f"running: {job['kind']} {job.get('model') or ''} "
-                      f"({job.get('phase') or 'starting'}, {job['elapsed']:.1f}s)")
+    per_gpu = status.get("gpus") or {}
+    if len(per_gpu) > 1:  # several GPUs: each its own budget and resident set
+        for index, g in sorted(per_gpu.items(), key=lambda item: int(item[0])):
+            budget = f"budget {size(g['budget'])}, free {free_text(g)}, " if g.get("budget") else ""
+            footer.append(f"gpu {index}: {budget}resident: {', '.join(g['resident']) or '-'}")
+    elif gpu.get("budget"):
+        footer.append(f"gpu budget: {size(gpu['budget'])}, free: {free_text(gpu, resident)}")
+    for running in status.get("jobs") or ([job] if job else []):
+        footer.append(f"running: {running['kind']} {running.get('model') or ''} "
+                      f"({running.get('phase') or 'starting'}, {running['elapsed']:.1f}s)")
     error = (status.get("config") or {}).get("error")
     if error:
         footer.append("catalog error (last good catalog in force):\n  " + error.replace("\n", "\n  "))
     return "\n".join(lines + [""] + footer)
+
+
+def free_text(gpu: dict, resident=None) -> str:
+    """A GPU's free budget; null means an exclusive model holds it (when anyone does)."""
+    if gpu.get("free") is not None:
+        return size(gpu["free"])
+    held = gpu.get("resident") if resident is None else resident
+    return "0 (an exclusive model holds it)" if held else size(gpu["budget"])
 
 
 def size(n: int | None) -> str:
