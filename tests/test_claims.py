@@ -120,3 +120,12 @@ def test_swap_on_gpu_1_leaves_gpu_0_alone():
     outcome, message, _ = run_table(v, swap_plan(v, "c"), table)
     assert (outcome, message) == ("ok", "c is active")
     assert v.states() == {"a": "active", "b": "sleeping", "c": "active", "r": "restarting"}
+
+
+def test_check_warns_about_a_gpu_nvml_does_not_see():
+    cat = box(("a", 10, [0], 1), ("t", 10, [2, 5], 1), ("v", 10, None, 1))
+    warnings = launch.gpu_index_warnings(cat, count=4)
+    assert len(warnings) == 1 and "models.t.gpus: GPU 5 not found: NVML sees 4 GPU(s) (0-3)" \
+        in warnings[0]
+    assert launch.gpu_index_warnings(cat, count=8) == []
+    assert "NVML sees no GPU" in launch.gpu_index_warnings(cat, count=0)[0]
