@@ -91,7 +91,8 @@ class Commands:
         for name, rt in d.runtimes.items():
             spec = d.spec_in_use(name)
             models[name] = {**rt.as_status(), "model": spec.model, "port": spec.port,
-                            "sleep_level": spec.sleep_level, "gpu_memory": spec.gpu_memory}
+                            "sleep_level": spec.sleep_level, "gpu_memory": spec.gpu_memory,
+                            "gpus": list(spec.gpus) if spec.gpus else None}
             if d.front is not None:
                 models[name]["in_flight"] = d.front.in_flight(name)
         jobs = [{"kind": j.kind, "model": j.model, "phase": j.phase,

@@ -46,6 +46,7 @@ def test_swaps_on_disjoint_gpus_run_at_once(make_daemon):
     assert st["gpus"]["0"] == {"budget": 80 * G, "free": 50 * G, "resident": ["a"]}
     assert st["gpus"]["1"] == {"budget": 80 * G, "free": 50 * G, "resident": ["b"]}
     assert st["gpu"] == {"budget": 80 * G, "free": 50 * G}
+    assert st["models"]["a"]["gpus"] == [0] and st["models"]["b"]["gpus"] == [1]
     # what each server was given to select its GPU, in NVML's (PCI) order
     assert d.sim("a")["env"] == {"CUDA_VISIBLE_DEVICES": "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
     assert d.sim("b")["env"] == {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
