@@ -92,16 +92,19 @@ def status_table(status: dict, colour: bool, width: int = 80) -> str:
     if len(resident) > 1 or (status.get("gpu") or {}).get("budget"):
         footer.append(f"resident: {', '.join(resident) or '-'}")
     gpu = status.get("gpu") or {}
-    if gpu.get("budget"):
-        free = size(gpu["free"]) if gpu.get("free") is not None else "0 (an exclusive model holds it)" \
-            if resident else size(gpu["budget"])
-        footer.append(f"gpu budget: {size(gpu['budget'])}, free: {free}")
+    per_gpu = status.get("gpus") or {}
+    if len(per_gpu) > 1:  # several GPUs: each its own budget and resident set
+        for index, g in sorted(per_gpu.items(), key=lambda item: int(item[0])):
+            budget = f"budget {size(g['budget'])}, free {free_text(g)}, " if g.get("budget") else ""
+            footer.append(f"gpu {index}: {budget}resident: {', '.join(g['resident']) or '-'}")
+    elif gpu.get("budget"):
+        footer.append(f"gpu budget: {size(gpu['budget'])}, free: {free_text(gpu, resident)}")
     if any(gpu_cell(m).endswith("*") for m in status.get("models", {}).values()):
         footer.append("GPU: measured by NVML; * declared gpu_memory (not measured)")
     job = status.get("job")
-    if job:
-        footer.append(f"running: {job['kind']} {job.get('model') or ''} "
-                      f"({job.get('phase') or 'starting'}, {job['elapsed']:.1f}s)")
+    for running in status.get("jobs") or ([job] if job else []):
+        footer.append(f"running: {running['kind']} {running.get('model') or ''} "
+                      f"({running.get('phase') or 'starting'}, {running['elapsed']:.1f}s)")
     state_error = (status.get("daemon") or {}).get("state_error")
     if state_error:
         footer.append(f"state file: {state_error}")
@@ -110,6 +113,14 @@ def status_table(status: dict, colour: bool, width: int = 80) -> str:
         footer.append("catalog error (last good catalog in force):")
         footer += ["  " + line for line in str(error).splitlines()]
     return "\n".join(lines + [""] + [clip(line, width) for line in footer])
+
+
+def free_text(gpu: dict, resident=None) -> str:
+    """A GPU's free budget; null means an exclusive model holds it (when anyone does)."""
+    if gpu.get("free") is not None:
+        return size(gpu["free"])
+    held = gpu.get("resident") if resident is None else resident
+    return "0 (an exclusive model holds it)" if held else size(gpu["budget"])
 
 
 def size(n: int | None) -> str:

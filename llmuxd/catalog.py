@@ -124,6 +124,9 @@ class ModelSpec:
     # on wake); 0: dump the whole GPU footprint.
     checkpoint_sleep: int = 1
     gpu_memory: int | None = None          # bytes held while active; None = exclusive (v1)
+    # GPU indexes (nvidia-smi's, PCI order) given to the server as CUDA_VISIBLE_DEVICES;
+    # None = every GPU (it shares each GPU's budget with every other model).
+    gpus: tuple[int, ...] | None = None
     source: str = ""
 
     def env_dict(self) -> dict[str, str]:
@@ -183,7 +186,7 @@ _MODEL_KEYS: dict[str, _Conv] = {
     "cwd": cv.string, "startup_timeout": _duration, "drain_timeout": _duration,
     "stop_timeout": _duration, "aliases": cv.aliases,
     "keep_images": lambda v, where: cv.expect(v, where, (bool,), "a boolean (true or false)"),
-    "checkpoint_sleep": partial(cv.integer, lo=0, hi=2), "gpu_memory": parse_size}
+    "checkpoint_sleep": partial(cv.integer, lo=0, hi=2), "gpu_memory": parse_size, "gpus": cv.gpus}
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # The catalog is parsed on the loop's thread (a reload): bound what one parse may cost.
 # tomlkit needs ~0.6 ms a model; these limits keep a reload well under a second.
@@ -416,7 +419,32 @@ def _models(f: _File, plain: dict, base: str, seen: dict[str, str],
             aliases.setdefault(alias, (name, line))
         if "gpu_memory" in values:
             size_lines[name] = f.where(path + ("gpu_memory",))
+        if "gpus" in values and not _check_gpus(f, path, values):
+            continue
         models[name] = ModelSpec(name=name, source=f.where(path), **values)
+
+
+def _check_gpus(f: _File, path: tuple[str, ...], values: dict) -> bool:
+    """A GPU list is what the server sees: llmux sets CUDA_VISIBLE_DEVICES (and
+    CUDA_DEVICE_ORDER=PCI_BUS_ID, so that the indexes are NVML's) from it, so `env`
+    may not say otherwise, and tensor parallelism needs a GPU per rank."""
+    where = _dotted(path)
+    gpus, env = values["gpus"], dict(values.get("env", ()))
+    ok = True
+    if "CUDA_VISIBLE_DEVICES" in env:
+        f.error(path + ("env",), f"{where}.env: CUDA_VISIBLE_DEVICES conflicts with "
+                                 f"{where}.gpus (llmux sets it from gpus; keep one of them)")
+        ok = False
+    if env.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID") != "PCI_BUS_ID":
+        f.error(path + ("env",), f"{where}.env: CUDA_DEVICE_ORDER must be PCI_BUS_ID with "
+                                 f"{where}.gpus (the indexes are nvidia-smi's)")
+        ok = False
+    tp = gpu_memory.tp_size(values.get("args", ()))
+    if tp > len(gpus):
+        f.error(path + ("gpus",), f"{where}.gpus: tensor-parallel size {tp} needs {tp} GPUs, "
+                                  f"but gpus lists {len(gpus)}")
+        ok = False
+    return ok
 
 
 def _load(path: str) -> tuple[Catalog | None, list[str]]:

@@ -192,3 +192,16 @@ def env(value: Any, where: str) -> tuple[tuple[str, str], ...]:
             err.key = key  # type: ignore[attr-defined]  # lets the caller find its line
             raise err
     return tuple(value.items())
+
+
+def gpus(value: Any, where: str) -> tuple[int, ...]:
+    expect(value, where, (list,), "an array of GPU indexes, such as [0] or [2, 3]")
+    if not value:
+        raise ValueError(f"{where}: an empty list gives the model no GPU (leave the key out "
+                         "for every GPU)")
+    for i, item in enumerate(value):
+        integer(item, f"{where}[{i}]", lo=0, hi=1023)
+    repeated = sorted({g for g in value if value.count(g) > 1})
+    if repeated:
+        raise ValueError(f"{where}: GPU {repeated[0]} is listed twice")
+    return tuple(value)

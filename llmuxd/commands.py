@@ -1,8 +1,9 @@
 """What each control command means: status, swap, sleep, stop, reload, logs, ping.
 
 Requests arrive as raw lines from control.py; replies go back on the client.
-Commands that change which model holds the GPU run as jobs, one at a time: a
-second one while a job runs is refused with `busy`, naming what runs. Errors
+Commands that change which model holds a GPU run as jobs; one whose claim (the
+GPUs it may touch, claims.py) overlaps a running job's is refused with `busy`,
+naming what runs; one on other GPUs starts at once. Errors
 are one line; nothing a client sends can raise out of here.
 """
 
@@ -16,8 +17,9 @@ from . import __version__, launch, trust
 from . import states as S
 from .protocol import MUTATING, ProtocolError, decode_request
 from .doctor import doctor_plan
-from .placement import free_budget
-from .swap import resident_set, restart_plan, sleep_plan, stop_plan, swap_plan
+from .claims import CRIU, gpus_of, model_claim, resident_set, swap_claim, universe
+from .placement import free_budget, free_per_gpu
+from .swap import restart_plan, sleep_plan, stop_plan, swap_plan
 
 log = logging.getLogger(__name__)
 FOLLOW_POLL = 0.2
@@ -65,15 +67,16 @@ class Commands:
             raise CommandError(f"unknown model {name!r} (known: {known})")
         return name
 
-    def _exclusive(self, client, what: str) -> None:
+    def _exclusive(self, client, what: str, claim: frozenset | None) -> frozenset | None:
         if self.d.shutting_down:
             raise CommandError("refused: llmuxd is shutting down")
-        job = self.d.job
+        job = self.d.runner.conflicting(claim)
         if job is not None:
             elapsed = time.monotonic() - job.started
             raise CommandError(f"busy: {job.describe()} in progress ({elapsed:.1f}s, phase "
                                f"{job.phase or 'starting'}); try again when it finishes")
         log.info("%s asked by uid %s pid %s", what, client.peer_uid, client.peer_pid)
+        return claim
 
     # -- commands -----------------------------------------------------------------
     def cmd_ping(self, client, request) -> None:
@@ -89,19 +92,25 @@ class Commands:
             spec = d.spec_in_use(name)
             models[name] = {**rt.as_status(), "model": spec.model, "port": spec.port,
                             "sleep_level": spec.sleep_level, "gpu_memory": spec.gpu_memory,
-                            "current_level": current_level(rt)}
+                            "current_level": current_level(rt),
+                            "gpus": list(spec.gpus) if spec.gpus else None}
             if d.front is not None:
                 models[name]["in_flight"] = d.front.in_flight(name)
-        job = None
-        if d.job is not None:
-            job = {"kind": d.job.kind, "model": d.job.model, "phase": d.job.phase,
-                   "elapsed": round(time.monotonic() - d.job.started, 3)}
+        jobs = [{"kind": j.kind, "model": j.model, "phase": j.phase,
+                 "elapsed": round(time.monotonic() - j.started, 3),
+                 "gpus": None if j.claim is None else sorted(g for g in j.claim if g != CRIU)}
+                for j in d.jobs]
         front = d.front.status() if d.front is not None else None
         resident = d.resident()
         budget = d.catalog.daemon.gpu_memory
-        free = free_budget(budget, resident_set(d)) if budget is not None else None
+        placed, every = resident_set(d), universe(d)
+        free = free_budget(budget, placed, every) if budget is not None else None
+        per_gpu = {str(gpu): {"budget": budget, "free": left,
+                              "resident": [n for n in resident if gpu in gpus_of(d, n)]}
+                   for gpu, left in free_per_gpu(budget, placed, every).items()}
         return {"active": d.active(), "resident": resident,
-                "gpu": {"budget": budget, "free": free}, "models": models, "job": job, "front": front,
+                "gpu": {"budget": budget, "free": free}, "gpus": per_gpu, "models": models,
+                "job": jobs[-1] if jobs else None, "jobs": jobs, "front": front,
                 "config": {"path": d.config_path, "error": d.config_error},
                 "daemon": {"pid": os.getpid(), "version": __version__,
                            "uptime": round(time.monotonic() - d.started, 3),
@@ -109,11 +118,12 @@ class Commands:
 
     def cmd_swap(self, client, request) -> None:
         name = self._model(request)
-        self._exclusive(client, f"swap to {name}")
+        claim = self._exclusive(client, f"swap to {name}", swap_claim(self.d, name))
         if self.d.runtimes[name].state == S.ACTIVE:
             client.finish({"ok": True, "model": name, "message": f"{name} is already active"})
             return
-        self.d.start_job("swap", name, swap_plan(self.d, name, bool(request.get("force"))), client)
+        self.d.start_job("swap", name, swap_plan(self.d, name, bool(request.get("force"))), client,
+                         claim=claim)
 
     def cmd_sleep(self, client, request) -> None:
         name = self._model(request)
@@ -121,23 +131,23 @@ class Commands:
         if level is not None and (not isinstance(level, int) or isinstance(level, bool)
                                   or not 1 <= level <= 5):
             raise CommandError("level must be an integer from 1 to 5")
-        self._exclusive(client, f"sleep {name}")
+        claim = self._exclusive(client, f"sleep {name}", model_claim(self.d, name, level))
         self.d.start_job("sleep", name, sleep_plan(self.d, name, level, bool(request.get("force"))),
-                         client)
+                         client, claim=claim)
 
     def cmd_stop(self, client, request) -> None:
         name = self._model(request)
-        self._exclusive(client, f"stop {name}")
-        self.d.start_job("stop", name, stop_plan(self.d, name), client)
+        claim = self._exclusive(client, f"stop {name}", model_claim(self.d, name))
+        self.d.start_job("stop", name, stop_plan(self.d, name), client, claim=claim)
 
     def cmd_restart(self, client, request) -> None:
         name = request.get("model") or self.d.active()
         if name is None:
             raise CommandError("no active model to restart (name one)")
         name = self._model({"model": name})
-        self._exclusive(client, f"restart {name}")
+        claim = self._exclusive(client, f"restart {name}", model_claim(self.d, name, 5))
         self.d.start_job("restart", name, restart_plan(self.d, name, bool(request.get("force"))),
-                         client)
+                         client, claim=claim)
 
     def cmd_doctor(self, client, request) -> None:
         # Anyone may ask, so one run at a time: later askers wait for the same answer.

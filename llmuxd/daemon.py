@@ -2,7 +2,8 @@
 
 It owns all state and runs on one thread. Events arrive from the reactor
 (signals, the control socket, child exits, timers); the daemon turns them into
-jobs (plans run by the runner, one at a time) or into supervision: an active
+jobs (plans run by the runner; at once only when their claims on GPUs are
+disjoint, see claims.py) or into supervision: an active
 model that crashes or stops answering /health is restarted with exponential
 backoff and marked `failed` after a burst; a sleeping model that dies is marked
 `stopped`. A model we asked to stop exiting is not a failure.
@@ -29,6 +30,7 @@ from .loop import Reactor
 from .notify import Notifier
 from .runner import Job, Runner
 from .adopt import adopt_plan
+from .claims import gpus_of, model_claim, swap_claim
 from .swap import recover_plan, shutdown_plan, stop_plan, swap_plan
 from .watch import CatalogWatcher
 
@@ -75,8 +77,8 @@ class Daemon:
         # /metrics is served by the front when there is one; metrics_listen adds a port.
         self.metrics_port = MetricsPort(self) if catalog.daemon.metrics_listen else None
         # Injectable so that tests (and CPU-only hosts) can say what a tree holds.
-        self.gpu_reader = gpu_memory.nvml_process_memory
-        self.job: Job | None = None
+        self.gpu_reader = gpu_memory.nvml_device_memory
+        self.jobs: list[Job] = []   # running jobs that hold a claim, oldest first
         self.shutting_down = False
         self.hurry = False
         self.killed_any = False
@@ -154,7 +156,8 @@ class Daemon:
         if target and self.active() is None and not self.shutting_down:
             self.notifier.status(f"starting {target}")
             self.start_job("swap", target, swap_plan(self, target),
-                           on_done=lambda job: self.notifier.ready(self.status_line()))
+                           on_done=lambda job: self.notifier.ready(self.status_line()),
+                           claim=swap_claim(self, target))
         else:
             self.notifier.ready(self.status_line())
 
@@ -243,8 +246,13 @@ class Daemon:
         self.reactor.call_later(REAP_SWEEP, self._periodic_reap)
 
     # -- jobs ----------------------------------------------------------------------
+    @property
+    def job(self) -> Job | None:
+        """The newest running job (status's `job`; `is not None`: something runs)."""
+        return self.jobs[-1] if self.jobs else None
+
     def start_job(self, kind: str, model: str | None, plan, client=None, on_done=None,
-                  exclusive: bool = True) -> Job:
+                  exclusive: bool = True, claim: frozenset | None = None) -> Job:
         def done(job: Job) -> None:
             reply = {"ok": job.ok, "model": job.model,
                      "elapsed": round(time.monotonic() - job.started, 3), "phases": job.phases}
@@ -262,7 +270,7 @@ class Daemon:
             self.notifier.status(self.status_line())
             if on_done is not None:
                 on_done(job)
-        job = Job(kind, model, plan, on_done=done, exclusive=exclusive)
+        job = Job(kind, model, plan, on_done=done, exclusive=exclusive, claim=claim)
         if client is not None:
             client.busy = True
             job.waiters.append(client)
@@ -284,8 +292,8 @@ class Daemon:
         self.notifier.stopping()
         if self.front is not None:
             self.front.shutdown()
-        if self.job is not None:
-            self.runner.abort(self.job, "cancelled: llmuxd is shutting down")
+        for job in list(self.jobs):
+            self.runner.abort(job, "cancelled: llmuxd is shutting down")
         if mode == "keep" and not hurry:
             # Models stay up for the next llmuxd to adopt (see README: KillMode).
             log.info("shutdown = keep: leaving every model running")
@@ -462,10 +470,12 @@ class Daemon:
         rt = self.runtimes.get(name)
         if rt is None or rt.state != S.RESTARTING or self.shutting_down:
             return
-        if self.job is not None:
+        claim = model_claim(self, name)
+        if self.runner.conflicting(claim) is not None:  # a job on its GPUs: after it
             self.reactor.call_later(0.5, lambda: self._restart_due(name))
             return
-        self.start_job("recover", name, recover_plan(self, name), on_done=self._recover_done)
+        self.start_job("recover", name, recover_plan(self, name), on_done=self._recover_done,
+                       claim=claim)
 
     def _recover_done(self, job: Job) -> None:
         rt = self.runtimes.get(job.model)
@@ -503,19 +513,23 @@ class Daemon:
             rt.extra.pop("gpu_over", None)
 
     # -- health of the active model --------------------------------------------------
+    def _in_a_job(self, name: str) -> bool:
+        """A running job may change this model (health waits for it to finish)."""
+        return self.runner.conflicting(gpus_of(self, name)) is not None
+
     def _health_tick(self) -> None:
         self.reactor.call_later(self.catalog.daemon.health_interval, self._health_tick)
-        if self.job is not None or self.shutting_down:
+        if self.shutting_down:
             return
         for name, rt in self.runtimes.items():
-            if rt.state == S.ACTIVE:
+            if rt.state == S.ACTIVE and not self._in_a_job(name):
                 spec = self.spec_in_use(name)
                 HttpCall(self.reactor, launch.connect_host(spec), spec.port, "GET", "/health", None,
                          5.0, lambda result, name=name: self._health_result(name, result))
 
     def _health_result(self, name: str, result) -> None:
         rt = self.runtimes.get(name)
-        if rt is None or rt.state != S.ACTIVE or self.job is not None:
+        if rt is None or rt.state != S.ACTIVE or self._in_a_job(name):
             return
         if isinstance(result, HttpResult) and result.ok:
             rt.health_failures = 0
@@ -559,7 +573,7 @@ class Daemon:
         models = dict(new.models)
         for name in old.models.keys() - new.models.keys():
             rt = self.runtimes[name]
-            busy = self.job is not None and self.job.model == name  # a plan is using it
+            busy = any(job.model == name for job in self.jobs)  # a plan is using it
             if rt.state in (S.STOPPED, S.FAILED) and not busy:
                 del self.runtimes[name]
                 notes.append(f"removed {name}")

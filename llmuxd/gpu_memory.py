@@ -14,7 +14,7 @@ import subprocess
 from typing import Any, Callable, Iterable
 
 __all__ = ["parse_size", "format_size", "gpu_total", "utilization_of", "nvml_process_memory",
-           "tree_memory"]
+           "tree_memory", "tp_size"]
 
 _UNITS = {"": 1, "b": 1,
           "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -58,8 +58,10 @@ def _nvml_total() -> int | None:
     try:
         pynvml.nvmlInit()
         try:
-            handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-            return int(pynvml.nvmlDeviceGetMemoryInfo(handle).total)
+            totals = [int(pynvml.nvmlDeviceGetMemoryInfo(
+                pynvml.nvmlDeviceGetHandleByIndex(i)).total)
+                for i in range(pynvml.nvmlDeviceGetCount())]
+            return min(totals) if totals else None  # one budget per GPU: the smallest's
         finally:
             pynvml.nvmlShutdown()
     except Exception:  # no driver, no device: the same as no GPU
@@ -80,7 +82,8 @@ def _smi_total() -> int | None:
 
 @functools.lru_cache(maxsize=1)
 def gpu_total() -> int | None:
-    """The first GPU's total memory in bytes, None when no GPU can be seen. Cached: the
+    """The total memory of the smallest GPU (NVML; nvidia-smi's first one otherwise) in
+    bytes, None when no GPU can be seen. Cached: the
     catalog is loaded on every edit and nvidia-smi takes tens of milliseconds."""
     return _nvml_total() or _smi_total()
 
@@ -102,8 +105,27 @@ def utilization_of(args: Iterable[str]) -> float | None:
     return 0.9
 
 
-def nvml_process_memory() -> dict[int, int] | None:
-    """pid -> bytes of GPU memory used, over every GPU; None when NVML is unavailable."""
+def tp_size(args) -> int:
+    """--tensor-parallel-size N, -tp N, and their = forms (the last one wins, as argparse)."""
+    size = 1
+    for i, arg in enumerate(args):
+        value = None
+        if arg in ("--tensor-parallel-size", "-tp") and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(("--tensor-parallel-size=", "-tp=")):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            try:
+                size = int(value)
+            except ValueError:
+                pass
+    return size
+
+
+def nvml_device_memory() -> dict[int, dict[int, int]] | None:
+    """NVML device index -> pid -> bytes of GPU memory used there; None when NVML is
+    unavailable. NVML numbers devices by PCI bus id, which is what a model's `gpus`
+    mean (its server gets CUDA_DEVICE_ORDER=PCI_BUS_ID, so CUDA agrees)."""
     try:
         import pynvml
     except ImportError:
@@ -113,12 +135,13 @@ def nvml_process_memory() -> dict[int, int] | None:
     except Exception:
         return None
     try:
-        used: dict[int, int] = {}
+        used: dict[int, dict[int, int]] = {}
         for i in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            here = used.setdefault(i, {})
             for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
                 if proc.usedGpuMemory:
-                    used[proc.pid] = used.get(proc.pid, 0) + int(proc.usedGpuMemory)
+                    here[proc.pid] = here.get(proc.pid, 0) + int(proc.usedGpuMemory)
         return used
     except Exception:
         return None
@@ -127,6 +150,24 @@ def nvml_process_memory() -> dict[int, int] | None:
             pynvml.nvmlShutdown()
         except Exception:
             pass
+
+
+def gpu_count(reader: Callable[[], dict | None] = nvml_device_memory) -> int | None:
+    """How many GPUs NVML sees; None without NVML (then nothing can be checked)."""
+    devices = reader()
+    return None if devices is None else len(devices)
+
+
+def nvml_process_memory() -> dict[int, int] | None:
+    """pid -> bytes of GPU memory used, over every GPU; None when NVML is unavailable."""
+    devices = nvml_device_memory()
+    if devices is None:
+        return None
+    used: dict[int, int] = {}
+    for per_pid in devices.values():
+        for pid, size in per_pid.items():
+            used[pid] = used.get(pid, 0) + size
+    return used
 
 
 def tree_memory(pids: Iterable[int],
@@ -139,19 +180,40 @@ def tree_memory(pids: Iterable[int],
     return sum(used.get(pid, 0) for pid in set(pids))
 
 
-def record_measured(rt, declared: int | None, pids: Iterable[int],
-                    reader: Callable[[], dict[int, int] | None] = nvml_process_memory) -> str | None:
-    """After `rt` became active: store what its tree really holds in rt.extra
-    (status shows `gpu_measured`; placement counts it, see swap.size_of) and return a
-    warning when that is more than it declared. Nothing is stored when the reader
-    cannot tell (a CPU-only machine, or no NVML), so status simply lacks the figure."""
-    used = tree_memory(pids, reader)
-    if not used:
-        rt.extra.pop("gpu_measured", None)
+def tree_memory_by_gpu(pids: Iterable[int],
+                       reader: Callable[[], dict[int, dict[int, int]] | None]
+                       = nvml_device_memory) -> dict[int, int] | None:
+    """GPU index -> bytes the process tree holds there (GPUs it holds nothing on are
+    left out); None when the reader cannot tell."""
+    devices = reader()
+    if devices is None:
         return None
-    rt.extra["gpu_measured"] = used
-    if declared is not None and used > declared:
-        return (f"{rt.name} holds {format_size(used)} of GPU memory, more than its "
-                f"gpu_memory ({format_size(declared)}); placement counts {format_size(used)} "
+    pids = set(pids)
+    held = {gpu: sum(size for pid, size in per_pid.items() if pid in pids)
+            for gpu, per_pid in devices.items()}
+    return {gpu: size for gpu, size in held.items() if size}
+
+
+def record_measured(rt, declared: int | None, pids: Iterable[int],
+                    reader: Callable[[], dict[int, dict[int, int]] | None]
+                    = nvml_device_memory) -> str | None:
+    """After `rt` became active: store what its tree really holds in rt.extra, in all
+    (`gpu_measured`) and per GPU (`gpu_measured_by_gpu`, keys are GPU indexes as text
+    so that status JSON reads the same), and return a warning when it holds more than
+    it declared on some GPU (`gpu_memory` is per GPU). Placement counts the measured
+    figure (claims.size_of). Nothing is stored when the reader cannot tell (a CPU-only
+    machine, or no NVML), so status simply lacks the figures."""
+    by_gpu = tree_memory_by_gpu(pids, reader)
+    if not by_gpu:
+        rt.extra.pop("gpu_measured", None)
+        rt.extra.pop("gpu_measured_by_gpu", None)
+        return None
+    rt.extra["gpu_measured"] = sum(by_gpu.values())
+    rt.extra["gpu_measured_by_gpu"] = {str(gpu): size for gpu, size in sorted(by_gpu.items())}
+    gpu, most = max(by_gpu.items(), key=lambda item: (item[1], -item[0]))
+    if declared is not None and most > declared:
+        where = f" on GPU {gpu}" if len(by_gpu) > 1 else ""
+        return (f"{rt.name} holds {format_size(most)} of GPU memory{where}, more than its "
+                f"gpu_memory ({format_size(declared)}); placement counts {format_size(most)} "
                 "from now on: raise gpu_memory or lower --gpu-memory-utilization")
     return None

@@ -15,6 +15,7 @@ import os
 
 from . import seccomp
 from . import gpu_memory
+from .gpu_memory import tp_size  # noqa: F401  (re-exported: levels 3-4 ask launch)
 
 LOOPBACK = "127.0.0.1"
 
@@ -78,6 +79,13 @@ def model_env(spec, base: dict[str, str], checkpoint: bool | None = None) -> dic
         env["UV_USE_IO_URING"] = "0"
         env["USE_LIBUV"] = "0"
     env.update(spec.env_dict())
+    if spec.gpus:
+        # The catalog's indexes are nvidia-smi's (NVML, PCI bus order); CUDA's default
+        # order is "fastest first", so without PCI_BUS_ID index 0 could be another card
+        # than the one placement and the measurement count on. The catalog refuses an
+        # `env` that sets either, so this never overrides the operator silently.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, spec.gpus))
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
     # Set last, so that no `env` entry hides it: a helper that daemonizes (double fork,
     # setsid) leaves the process group, and this marker is how llmuxd, its subreaper,
     # knows whose it is when it stops the model (procs.strays).
@@ -117,23 +125,6 @@ def argv_hash(argv, env: dict[str, str]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def tp_size(args) -> int:
-    """--tensor-parallel-size N, -tp N, and their = forms (the last one wins, as argparse)."""
-    size = 1
-    for i, arg in enumerate(args):
-        value = None
-        if arg in ("--tensor-parallel-size", "-tp") and i + 1 < len(args):
-            value = args[i + 1]
-        elif arg.startswith(("--tensor-parallel-size=", "-tp=")):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            try:
-                size = int(value)
-            except ValueError:
-                pass
-    return size
-
-
 TP_FLAGS = ("--enforce-eager", "--disable-custom-all-reduce")
 # Stock vLLM has no suspend_nccl/resume_nccl RPC: NCCL must then keep no P2P, SHM or
 # NVLS (multicast) buffers, which a CUDA checkpoint cannot move.
@@ -165,6 +156,24 @@ def catalog_warnings(catalog) -> list[str]:
                                 f"suspend_nccl RPC needs env {' '.join(unset)} (NCCL's P2P, SHM "
                                 "and NVLS buffers cannot be checkpointed)")
     warnings += size_warnings(catalog)
+    warnings += gpu_index_warnings(catalog)
+    return warnings
+
+
+def gpu_index_warnings(catalog, count: int | None = None) -> list[str]:
+    """A GPU index this machine does not have (NVML's count; nothing to say without
+    NVML): a warning, not an error, so that a catalog can be written for another box."""
+    count = count if count is not None else gpu_memory.gpu_count()
+    if count is None:
+        return []
+    warnings = []
+    for spec in catalog.models.values():
+        missing = [g for g in spec.gpus or () if g >= count]
+        if missing:
+            warnings.append(f"{spec.source}: warning: models.{spec.name}.gpus: GPU "
+                            f"{', '.join(map(str, missing))} not found: NVML sees {count} GPU(s) "
+                            f"(0-{count - 1})" if count else
+                            f"{spec.source}: warning: models.{spec.name}.gpus: NVML sees no GPU")
     return warnings
 
 

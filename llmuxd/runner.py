@@ -1,11 +1,13 @@
-"""Runs one plan at a time: performs the operations it yields and feeds back results.
+"""Runs plans: performs the operations they yield and feeds back results.
 
 This is where pure plans meet the world. Synchronous operations (the clock, a
 state transition, a port probe, a signal) are answered at once; waiting ones
 (HTTP, pauses, waiting for a process group to vanish, helper tools) register
-with the reactor and resume the plan from a later callback. Exactly one
-exclusive job runs at a time, which keeps GPU memory changes strictly sequential;
-`doctor` is the only other kind and only reads.
+with the reactor and resume the plan from a later callback. Every job that
+changes a model claims what it may touch (claims.py: GPUs, and CRIU); jobs whose
+claims are disjoint run at once, and none starts while it overlaps a running
+one, so GPU memory still changes strictly one step at a time on each GPU.
+`doctor` claims nothing and only reads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Callable
 
 from . import adopt_io, checkpoint_io, launch, procs
 from . import states as S
+from .claims import EVERYTHING, conflicts
 from .actions import (CheckExited, CheckPort, Degraded, Http, InFlight, Io, IoFailed, Now, Pause,
                       Phase, RunTool, RunTools, SignalGroup, Spawn, StepFailed, ToolResult,
                       Transition, WaitGone)
@@ -60,7 +63,8 @@ class Job:
     ok: bool | None = None
     message: str = ""
     result: object = None
-    exclusive: bool = True    # holds the one job slot (changes GPU memory); doctor does not
+    exclusive: bool = True    # holds its claim (changes GPU memory); doctor does not
+    claim: frozenset | None = EVERYTHING  # GPUs (and CRIU) it may touch; see claims.py
 
     def describe(self) -> str:
         return f"{self.kind} {self.model}" if self.model else self.kind
@@ -77,10 +81,20 @@ class Runner:
                     RunTools: self._run_tools, Io: self._io, InFlight: self._in_flight}
 
     # -- driving ---------------------------------------------------------------
+    def conflicting(self, claim: frozenset | None) -> Job | None:
+        """The oldest running job whose claim overlaps `claim` (None when it may start)."""
+        return next((j for j in self.d.jobs if conflicts(j.claim, claim)), None)
+
     def start(self, job: Job) -> None:
-        log.info("job started: %s", job.describe())
+        log.info("job started: %s%s", job.describe(), "" if job.claim is EVERYTHING else
+                 f" (claims {', '.join(map(str, sorted(job.claim, key=str)))})")
         if job.exclusive:
-            self.d.job = job
+            running = self.conflicting(job.claim)
+            if running is not None:  # callers check first: this is the last line of defence
+                log.error("refused to start %s beside %s (a bug)", job.describe(), running.describe())
+                self._finish(job, False, f"busy: {running.describe()} in progress")
+                return
+            self.d.jobs.append(job)
         self._step(job, None)
 
     def _resume(self, job: Job, value) -> None:
@@ -117,8 +131,8 @@ class Runner:
 
     def _finish(self, job: Job, ok: bool, message: str) -> None:
         job.ok, job.message = ok, message
-        if self.d.job is job:
-            self.d.job = None
+        if job in self.d.jobs:
+            self.d.jobs.remove(job)
         elapsed = time.monotonic() - job.started
         (log.info if ok else log.error)("job %s %s after %.2fs: %s", job.describe(),
                                         "succeeded" if ok else "failed", elapsed, message)

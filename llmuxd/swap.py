@@ -4,8 +4,9 @@
 its level (escalating to a stop when that fails), verify, and only then wake or
 start the target and health-check it. GPU memory changes strictly one step at a
 time because every step finishes before the next begins. Which models sleep is
-placement's answer (placement.py): with sizes declared, only the least recently
-used ones that the target needs room from; without, every other one (v1). A failed wake or
+placement's answer (placement.py, asked through claims.py): with sizes declared,
+only the least recently used ones on the target's GPUs that it needs room from;
+without, every other one on its GPUs (v1: all of them). A failed wake or
 start stops the target and brings the previous model back (rollback), and the
 original error is what the operator reads.
 
@@ -19,18 +20,11 @@ from . import states as S
 from .actions import (CheckPort, Degraded, InFlight, Now, Pause, Phase, Refused, StepFailed,
                       Transition)
 from .mechanisms import mechanism_for
-from .placement import Resident, place
+from .claims import placement_for, resident_set, size_of, stray_holders
 from .steps import Plan, View, drain, spec_of, start, stop, timeout_of
 
-__all__ = ["swap_plan", "sleep_plan", "stop_plan", "restart_plan", "recover_plan", "shutdown_plan",
+__all__ = ["resident_set", "size_of", "swap_plan", "sleep_plan", "stop_plan", "restart_plan", "recover_plan", "shutdown_plan",
            "StepFailed"]
-
-
-def holders(view: View, exclude: str | None = None) -> list[str]:
-    """Models that hold (or may hold) the GPU at full size right now: the active one,
-    and any awake process left in another state (crashed and waiting to restart)."""
-    return [n for n, rt in view.runtimes.items()
-            if n != exclude and rt.state in S.HAS_PROCESS and rt.state not in S.ASLEEP]
 
 
 def evict(view: View, name: str, force: bool, level: int | None = None) -> Plan:
@@ -89,29 +83,12 @@ def bring_up(view: View, name: str) -> Plan:
         raise StepFailed(f"{name} is {rt.state}; cannot make it active now")
 
 
-def size_of(view: View, name: str) -> int | None:
-    """What placement counts for `name`: the measured figure once known (a model may hold
-    more than it declared), else its declared gpu_memory; None = exclusive."""
-    declared = spec_of(view, name).gpu_memory
-    if declared is None:
-        return None
-    measured = view.runtimes[name].extra.get("gpu_measured")
-    return max(declared, measured) if measured else declared
-
-
-def resident_set(view: View, exclude: str | None = None) -> list[Resident]:
-    """The active models, with their sizes and when each was made active (LRU order)."""
-    return [Resident(n, size_of(view, n), rt.since) for n, rt in view.runtimes.items()
-            if n != exclude and rt.state == S.ACTIVE]
-
-
 def swap_plan(view: View, target: str, force: bool = False) -> Plan:
     """Make `target` active, putting to sleep only the active models placement names
     (see the module docstring). Every eviction finishes before the target wakes."""
     if view.runtimes[target].state == S.ACTIVE:
         return f"{target} is already active"
-    placement = place(view.catalog.daemon.gpu_memory, resident_set(view), target,
-                      size_of(view, target))
+    placement = placement_for(view, target)
     if placement.refused:
         raise StepFailed(placement.refused)
     if placement.evict and view.runtimes[target].state in (S.STOPPED, S.FAILED):
@@ -120,10 +97,8 @@ def swap_plan(view: View, target: str, force: bool = False) -> Plan:
         if holder is not None:
             raise StepFailed(f"{target}: port {spec_of(view, target).port} is already in use by "
                              f"{holder}; nothing changed ({placement.evict[0]} is still active)")
-    for name in holders(view, exclude=target):
-        if view.runtimes[name].state != S.ACTIVE:
-            # crashed and waiting to restart, or left half way: holds an unknown amount
-            yield from stop(view, name, hurry=True)
+    for name in stray_holders(view, target):  # crashed, or left half way, on its GPUs
+        yield from stop(view, name, hurry=True)
     evicted: list[str] = []
     for name in placement.evict:
         try:

@@ -108,7 +108,7 @@ def test_tree_memory_sums_the_tree():
 def test_record_measured_stores_and_warns_when_over():
     from llmuxd.states import Runtime
     rt = Runtime("a")
-    reader = lambda: {10: 12 * 2**30, 11: 10 * 2**30}
+    reader = lambda: {0: {10: 12 * 2**30, 11: 10 * 2**30}}  # NVML: device -> pid -> bytes
     warning = gpu_memory.record_measured(rt, 20 * 2**30, [10, 11], reader)
     assert rt.extra["gpu_measured"] == 22 * 2**30
     assert "a holds 22.0GiB" in warning and "more than its gpu_memory (20.0GiB)" in warning
@@ -116,3 +116,34 @@ def test_record_measured_stores_and_warns_when_over():
     # a CPU-only machine: no figure at all, and an old one is not kept
     assert gpu_memory.record_measured(rt, 30 * 2**30, [10], lambda: None) is None
     assert "gpu_measured" not in rt.extra
+
+
+def test_record_measured_per_gpu_of_a_tp_model():
+    """Two ranks on GPUs 2 and 3 (and a stranger on 3): per GPU, the declared size is per GPU."""
+    from llmuxd.states import Runtime
+    rt = Runtime("tp")
+    reader = lambda: {0: {}, 1: {99: 5 * 2**30}, 2: {20: 18 * 2**30}, 3: {21: 21 * 2**30, 99: 1}}
+    warning = gpu_memory.record_measured(rt, 20 * 2**30, [19, 20, 21], reader)
+    assert rt.extra["gpu_measured"] == 39 * 2**30
+    assert rt.extra["gpu_measured_by_gpu"] == {"2": 18 * 2**30, "3": 21 * 2**30}
+    assert "holds 21.0GiB of GPU memory on GPU 3, more than its gpu_memory (20.0GiB)" in warning
+    assert gpu_memory.record_measured(rt, 22 * 2**30, [20, 21], reader) is None  # fits per GPU
+
+
+def test_gpu_count_and_the_summed_reader_from_one_fake_nvml(monkeypatch):
+    import sys
+    import types
+    procs = {0: [(10, 3), (11, 4)], 1: [(10, 5)]}
+    fake = types.SimpleNamespace(
+        nvmlInit=lambda: None, nvmlShutdown=lambda: None,
+        nvmlDeviceGetCount=lambda: 2, nvmlDeviceGetHandleByIndex=lambda i: i,
+        nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(total=[80, 40][h]),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [
+            types.SimpleNamespace(pid=p, usedGpuMemory=m) for p, m in procs[h]])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert gpu_memory.nvml_device_memory() == {0: {10: 3, 11: 4}, 1: {10: 5}}
+    assert gpu_memory.nvml_process_memory() == {10: 8, 11: 4}
+    assert gpu_memory.gpu_count() == 2
+    assert gpu_memory._nvml_total() == 40  # the budget per GPU: the smallest card's
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no nvidia-ml-py: nothing known
+    assert gpu_memory.nvml_device_memory() is None and gpu_memory.gpu_count() is None

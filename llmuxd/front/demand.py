@@ -4,11 +4,14 @@ A request for the active model goes straight through; one for another model
 waits here, and the oldest waiting request decides which model the next swap
 brings up (FIFO across models). Every waiting request for that model joins
 the same swap. A swap is the one `llmuxctl swap` runs (swap_plan, a job of the
-daemon); while any job runs, nothing new starts. `min_active` keeps a freshly
+daemon). Swaps whose claims (claims.py: the GPUs they touch) are disjoint run at
+once; one that overlaps a running swap, or an older waiting one, waits its turn
+(FIFO per GPU: a younger request never overtakes an older one on the same GPU).
+`min_active` keeps a freshly
 activated model for that long before on-demand traffic may swap it away, so
 two clients alternating between two models cannot swap at every request.
-The decision is `choose_swap`, a pure function; this class only keeps the
-queue, the timers and the counts.
+The decisions are `choose_swap` and `choose_swaps`, pure functions; this class
+only keeps the queue, the timers and the counts.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 
 from .. import states as S
-from ..placement import place
-from ..swap import resident_set, size_of, swap_plan
+from ..claims import conflicts, placement_for, swap_claim
+from ..swap import swap_plan
 
 log = logging.getLogger(__name__)
 SWEEP = 0.5
@@ -52,6 +55,33 @@ def choose_swap(waiting: list[str], states: dict[str, str], active_since: dict[s
     return target, None
 
 
+def choose_swaps(waiting: list[str], states: dict[str, str], active_since: dict[str, float],
+                 now: float, min_active: float, evicts, claim_of,
+                 running: list) -> tuple[list[str], float | None]:
+    """The models to swap to now, oldest request first, and the seconds until asking
+    again makes sense (None: only an event can change the answer). A model's swap
+    starts when its claim (`claim_of(model)`) overlaps neither a running job's claim
+    nor that of an older waiting model that cannot start yet; min_active as in
+    choose_swap."""
+    blocked = list(running)
+    starts: list[str] = []
+    wait = None
+    for model in waiting:
+        if states.get(model) not in SWAPPABLE:
+            continue
+        claim = claim_of(model)
+        if any(conflicts(claim, other) for other in blocked):
+            blocked.append(claim)
+            continue
+        blocked.append(claim)
+        target, left = choose_swap([model], states, active_since, now, min_active, evicts)
+        if target is not None:
+            starts.append(target)
+        elif left is not None:
+            wait = left if wait is None else min(wait, left)
+    return starts, wait
+
+
 @dataclass(eq=False)
 class Task:
     """One request of a client, from the front's routing to its last byte."""
@@ -69,7 +99,7 @@ class Demand:
         self.queue: dict[Task, None] = {}  # insertion-ordered: FIFO with O(1) removal
         self.in_flight: dict[str, int] = {}
         self.active_since: dict[str, float] = {}
-        self.swap_job = None
+        self.swap_jobs: dict[str, object] = {}   # target -> its running swap job
         self._timer = None
         self._sweeping = False
 
@@ -112,30 +142,36 @@ class Demand:
             del self.queue[task]
             task.queued = False
             self.dispatch(task)
-        if not self.queue or self.d.job is not None or self.d.shutting_down:
+        if not self.queue or self.d.shutting_down:
             return
         states = {n: rt.state for n, rt in self.d.runtimes.items()}
         waiting = list(dict.fromkeys(t.route.model for t in self.queue))
-        target, wait = choose_swap(waiting, states, self.active_since, time.monotonic(),
-                                   self.settings.min_active, self._evicts)
-        if target is not None:
+        claims = {}
+
+        def claim_of(model: str):
+            claims[model] = swap_claim(self.d, model)
+            return claims[model]
+        targets, wait = choose_swaps(waiting, states, self.active_since, time.monotonic(),
+                                     self.settings.min_active, self._evicts, claim_of,
+                                     [job.claim for job in self.d.jobs])
+        for target in targets:
             log.info("front: %d request(s) wait for %s: swapping to it",
                      sum(t.route.model == target for t in self.queue), target)
-            self.swap_job = self.d.start_job("swap", target, swap_plan(self.d, target),
-                                             on_done=self._swap_done)
-        elif wait is not None and self._timer is None:
+            self.swap_jobs[target] = self.d.start_job(
+                "swap", target, swap_plan(self.d, target), on_done=self._swap_done,
+                claim=claims[target])
+        if wait is not None and self._timer is None:
             self._timer = self.d.reactor.call_later(wait, self._timer_due)
 
     def _evicts(self, target: str) -> list[str]:
-        budget = self.d.catalog.daemon.gpu_memory
-        return list(place(budget, resident_set(self.d), target, size_of(self.d, target)).evict)
+        return list(placement_for(self.d, target).evict)
 
     def _timer_due(self) -> None:
         self._timer = None
         self.pump()
 
     def _swap_done(self, job) -> None:
-        self.swap_job = None
+        self.swap_jobs.pop(job.model, None)
         if job.ok:
             return  # the next pump dispatches the waiters
         failed = [t for t in self.queue if t.route.model == job.model]

@@ -338,7 +338,9 @@ class Handler(BaseHTTPRequestHandler):
             cuda=r["cuda"], fake_cuda=r["fake_cuda"], sleep_mode_enabled=r["sleep_mode_enabled"],
             freed_mb=r["freed_mb"], sleeping_tags=r["sleeping_tags"], in_flight=srv.in_flight,
             fail=srv.fail, tp=r["tp"], workers=r["workers"], nccl=r["nccl"],
-            nccl_generation=r["nccl_generation"]))
+            nccl_generation=r["nccl_generation"],
+            # What llmuxd gave this server to select its GPUs (the tests check it).
+            env={k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER")}))
 
     def route_sim_allreduce(self, srv):
         # Every rank all-reduces rank + 1 (NCCL on its GPU when real): a check
