@@ -120,6 +120,7 @@ class Commands:
         name = self._model(request)
         claim = self._exclusive(client, f"swap to {name}", swap_claim(self.d, name))
         if self.d.runtimes[name].state == S.ACTIVE:
+            self.d.runtimes[name].last_used = time.time()  # asked for: the last to evict
             client.finish({"ok": True, "model": name, "message": f"{name} is already active"})
             return
         self.d.start_job("swap", name, swap_plan(self.d, name, bool(request.get("force"))), client,

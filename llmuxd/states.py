@@ -91,6 +91,9 @@ class Runtime:
     pgid: int | None = None
     start_time: float | None = None   # the process's start time: with pid, its identity
     since: float = field(default_factory=time.time)
+    # When it was last asked for while active (a request routed by the front, a swap to it):
+    # eviction order is least recently *used*, not least recently woken.
+    last_used: float = 0.0
     last_error: str | None = None
     last_error_at: float | None = None  # wall time of last_error
     asleep_level: int | None = None   # the level it went to sleep at

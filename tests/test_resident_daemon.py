@@ -77,3 +77,21 @@ def test_front_routes_to_every_resident_model_without_a_swap(make_daemon):
         assert front_complete(d, "a")[0] == 200 and front_complete(d, "b")[0] == 200
     assert swaps_to(d, "a") == 1 and swaps_to(d, "b") == 1
     assert d.status()["resident"] == ["a", "b"]
+
+
+def test_eviction_is_least_recently_used_not_least_recently_woken(make_daemon):
+    """a was woken first, but the front served it last: c evicts b, not a; a swap to an
+    already active model counts as a use too."""
+    from .test_front import complete as front_complete
+    from .test_front import front_daemon
+    models = {n: {"sleep_level": 1, "gpu_memory": "30GiB"} for n in ("a", "b", "c")}
+    d = front_daemon(make_daemon, models, gpu_memory="80GiB")
+    for name in ("a", "b", "a"):
+        assert front_complete(d, name)[0] == 200
+    assert front_complete(d, "c")[0] == 200
+    st = d.status()
+    assert st["models"]["b"]["state"] == "sleeping" and sorted(st["resident"]) == ["a", "c"]
+    assert d.swap("a")["message"].endswith("already active")  # a used again: c is the LRU
+    assert front_complete(d, "b")[0] == 200
+    st = d.status()
+    assert st["models"]["c"]["state"] == "sleeping" and sorted(st["resident"]) == ["a", "b"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import time
 
 from .. import launch, metrics
 from ..catalog_values import is_loopback, split_listen
@@ -131,6 +132,7 @@ class Front:
         headers = request_headers(req.headers, host, spec.port, body,
                                   strip_auth=bool(self.settings.api_keys))
         self.demand.started(r.model)
+        self.d.runtimes[r.model].last_used = time.time()  # LRU: served now
         task.upstream = Upstream(self.d.reactor, host, spec.port, req.method.decode(), r.target,
                                  headers, body, task.conn,
                                  done=lambda: self.demand.ended(r.model))
