@@ -216,7 +216,27 @@ healthy() { # healthy CONTAINER: the image's HEALTHCHECK passes
     done
     fail "HEALTHCHECK of $c never passed"
 }
-trap 'for c in $(podman ps -a -q --filter "label=$LABEL" 2>/dev/null); do timeout 60 podman rm -f -t 0 "$c" >/dev/null 2>>"$WORK/podman.log" || true; done' EXIT
+leftovers() { # containers of this run; what its models leave in the host's /dev/shm (--ipc=host)
+    local c m sem pid
+    for c in $(podman ps -a -q --filter "label=$LABEL" 2>/dev/null); do
+        timeout 60 podman rm -f -t 0 "$c" >/dev/null 2>>"$WORK/podman.log" || true
+    done
+    # the link_remap stash of a checkpoint that is never restored, and the named
+    # semaphores (loky's, as vLLM's) of llmux-sim processes that are gone
+    for m in "$RUN"/state*/checkpoints/*/manifest.json; do
+        [[ -r $m ]] || continue
+        python3 -c 'import json, shutil, sys
+d = (json.load(open(sys.argv[1])).get("link_remap_stash") or {}).get("dir", "")
+if d.startswith("/dev/shm/llmux-remap-"): shutil.rmtree(d, ignore_errors=True)' "$m" || true
+    done
+    for sem in /dev/shm/sem.loky-*; do
+        pid=${sem#/dev/shm/sem.loky-}
+        pid=${pid%%-*}
+        [[ $pid =~ ^[0-9]+$ && ! -e /proc/$pid ]] && rm -f "$sem"
+    done
+    return 0
+}
+trap leftovers EXIT
 
 # --- 4. container 1: the seed's flags --------------------------------------------------------
 start llmux-smoke-1 "$RUN/etc" "$RUN/state" --pid=host
