@@ -5,6 +5,12 @@ renaming it over the old one, which a watch on the file itself would miss) and
 `models.d/` (from whenever it appears), and reports only changes to the catalog
 file or to drop-ins. The thread never touches daemon state: it sets a flag and
 writes a byte to the reactor's wakeup socket; the loop thread re-reads the catalog.
+
+A catalog reached through symbolic links is watched through them: a Kubernetes
+ConfigMap volume holds `llmux.toml -> ..data/llmux.toml` and `..data ->
+..TIMESTAMP/`, and an update writes a new `..TIMESTAMP/` and renames a new
+`..data` over the old one, so the only change in the directory is to `..data`:
+the files themselves never change.
 """
 
 from __future__ import annotations
@@ -39,7 +45,29 @@ class CatalogWatcher:
         path = os.path.abspath(path)
         if path in (self.config_path, self.dropins):  # models.d itself: created or removed
             return True
+        if path in self.link_hops():
+            return True
         return os.path.dirname(path) == self.dropins and path.endswith(".toml")
+
+    def link_hops(self) -> set[str]:
+        """Entries of the catalog's directory that the catalog file or models.d reach
+        through relative symbolic links (`..data` of a ConfigMap volume), read anew
+        each time: swapping one of them is an edit."""
+        hops = set()
+        for path in (self.config_path, self.dropins):
+            for _ in range(8):  # a chain, never a loop
+                try:
+                    target = os.readlink(path)
+                except OSError:
+                    break  # not a link (or gone)
+                if os.path.isabs(target):
+                    break  # leads out of the directory: its own changes are not seen here
+                hop = os.path.join(os.path.dirname(path), target.split("/", 1)[0])
+                if os.path.dirname(hop) != self.directory or hop in hops:
+                    break
+                hops.add(hop)
+                path = hop
+        return hops
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="catalog-watcher", daemon=True)
@@ -66,6 +94,11 @@ class CatalogWatcher:
                         rewatched = False
                         self.changed.set()
                         self._wake()
+                    hops = self.link_hops()
+                    if has_dropins and any(os.path.abspath(p) in hops for _, p in changes):
+                        # models.d's watch is on the directory its old link led to
+                        rewatched = True
+                        break
                     if os.path.isdir(self.dropins) != has_dropins:
                         rewatched = True
                         break

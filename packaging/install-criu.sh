@@ -3,6 +3,10 @@
 # CRIU's CUDA plugin (cuda_plugin.so) built from the same CRIU source.
 #
 # Usage: packaging/install-criu.sh [PREFIX]        (default PREFIX: /opt/llmux-criu)
+#        packaging/install-criu.sh --print-mirrors  (the Debian mirrors found in the
+#                                                    machine's apt configuration, best
+#                                                    first, one "URI<TAB>KEYRING" a line;
+#                                                    packaging/container/smoke.sh uses it)
 #
 # Result:  PREFIX/bin/criu                 wrapper to run criu (see below)
 #          PREFIX/lib/criu/cuda_plugin.so  CRIU's CUDA plugin: criu -L PREFIX/lib/criu
@@ -62,6 +66,11 @@
 # wanted and they are missing; they are needed only while this script runs.
 set -euo pipefail
 
+PRINT_MIRRORS=0
+if [[ ${1:-} == --print-mirrors ]]; then
+    PRINT_MIRRORS=1
+    shift
+fi
 PREFIX=${1:-/opt/llmux-criu}
 SUITE=${LLMUX_CRIU_SUITE:-sid}
 APT_ETC=${LLMUX_APT_ETC:-/etc/apt}
@@ -103,7 +112,7 @@ installed_source_version() {
 
 # MODE: full (download and unpack criu, then the plugin) or plugin (criu is there)
 MODE=full
-if [[ -x $PREFIX/bin/criu ]] && criu_version_ok "$PREFIX/bin/criu"; then
+if ((!PRINT_MIRRORS)) && [[ -x $PREFIX/bin/criu ]] && criu_version_ok "$PREFIX/bin/criu"; then
     version=$("$PREFIX/bin/criu" --version 2>/dev/null | awk '/^Version:/ {print $2}')
     if ((!WANT_PLUGIN)) || [[ -s $PREFIX/$PLUGIN_REL ]]; then
         log "already installed: criu $version in $PREFIX$( ((WANT_PLUGIN)) && printf ', with %s' "$PLUGIN_REL")"
@@ -194,6 +203,10 @@ else
     MIRRORS=$(find_mirrors | awk -F'\t' '!seen[$1]++')
 fi
 [[ -n $MIRRORS ]] || die "no Debian archive found in $APT_ETC/sources.list{,.d} (set LLMUX_CRIU_MIRROR to a Debian mirror URI)"
+if ((PRINT_MIRRORS)); then
+    printf '%s\n' "$MIRRORS"
+    exit 0
+fi
 
 # --- what the download itself needs -------------------------------------------------
 need=()

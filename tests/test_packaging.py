@@ -28,6 +28,9 @@ COMPOSE = ROOT / "packaging" / "container" / "compose.yaml"
 CONTAINER_CATALOG = ROOT / "packaging" / "container" / "llmux.toml"
 SECTIONS = ROOT / "README.md"  # the "Run under systemd" and "Run in a container" sections
 CRIU_PREFIX = "/opt/llmux-criu"
+SMOKE = ROOT / "packaging" / "container" / "smoke.sh"
+SMOKE_PROBE = ROOT / "packaging" / "container" / "smoke_probe.py"
+KUBERNETES = sorted((ROOT / "packaging" / "kubernetes").glob("*.yaml"))
 
 
 # ---------------------------------------------------------------- unit file parsing
@@ -243,19 +246,41 @@ def test_dockerfile_entrypoint_is_llmuxd():
     assert cmd and json.loads(cmd[-1]) == []
 
 
-def test_dockerfile_builds_on_vllm_with_criu_and_a_state_volume():
+def test_dockerfile_builds_on_a_base_argument_with_criu_and_a_state_volume():
     ins = dockerfile_instructions()
     froms = [rest for word, rest in ins if word == "FROM"]
-    assert froms[-1].split()[0] == "vllm/vllm-openai:${VLLM_TAG}"
-    assert any(word == "ARG" and rest.startswith("VLLM_TAG") for word, rest in ins[:3])
+    assert froms[-1].split()[0] == "${BASE}"
+    # users get a vLLM image; CI passes its debootstrap base (smoke.sh)
+    assert ("ARG", "BASE=vllm/vllm-openai:latest") in ins[:3]
     volumes = [v for word, rest in ins if word == "VOLUME" for v in json.loads(rest)]
     assert "/var/lib/llmux" in volumes
     copies = [rest for word, rest in ins if word == "COPY"]
     assert any(f"--from=criu {CRIU_PREFIX} {CRIU_PREFIX}" in c for c in copies)
-    # CRIU comes from the project's own installer, into the prefix the catalog names.
-    assert any("install-criu.sh" in rest and CRIU_PREFIX in rest for word, rest in ins if word == "RUN")
-    assert load_catalog(str(CONTAINER_CATALOG)).daemon.checkpoint.criu_path == f"{CRIU_PREFIX}/bin/criu"
-    assert any("pip install" in rest for word, rest in ins if word == "RUN")
+    # CRIU comes from the project's own installer, into the prefix the catalog names,
+    # with the CUDA plugin where the catalog looks for it.
+    runs = [rest for word, rest in ins if word == "RUN"]
+    assert any("install-criu.sh" in r and CRIU_PREFIX in r and "cuda_plugin.so" in r for r in runs)
+    ck = load_catalog(str(CONTAINER_CATALOG)).daemon.checkpoint
+    assert ck.criu_path == f"{CRIU_PREFIX}/bin/criu" and ck.cuda_plugin_dir == f"{CRIU_PREFIX}/lib/criu"
+    assert any("pip install" in r for r in runs)
+
+
+def test_dockerfile_stop_signal_and_healthcheck():
+    ins = dockerfile_instructions()
+    assert [rest for word, rest in ins if word == "STOPSIGNAL"] == ["SIGTERM"]
+    health = [rest for word, rest in ins if word == "HEALTHCHECK"]
+    assert len(health) == 1
+    assert json.loads(health[0].split("CMD", 1)[1]) == ["llmuxctl", "status"]
+
+
+def test_dockerfile_is_plain_docker_syntax():
+    """docker build and podman build alike: no BuildKit-only or podman-only syntax."""
+    text = DOCKERFILE.read_text()
+    assert not re.search(r"(?m)^#\s*syntax\s*=", text)
+    for word, rest in dockerfile_instructions():
+        assert word in {"ARG", "FROM", "COPY", "RUN", "VOLUME", "WORKDIR", "STOPSIGNAL",
+                        "HEALTHCHECK", "ENTRYPOINT", "CMD", "ENV", "LABEL"}, word
+        assert not rest.startswith(("--mount", "--security", "--network")), f"{word} {rest}"
 
 
 def test_dockerfile_copies_only_what_the_build_context_has():
@@ -269,7 +294,8 @@ def test_dockerfile_copies_only_what_the_build_context_has():
 
 
 def test_packaging_names_no_host():
-    for path in (DOCKERFILE, COMPOSE, CONTAINER_CATALOG, UNIT, SECTIONS):
+    for path in (DOCKERFILE, COMPOSE, CONTAINER_CATALOG, UNIT, SECTIONS, SMOKE, SMOKE_PROBE,
+                 *KUBERNETES):
         text = path.read_text()
         assert not re.search(r"\b(?:https?|ftp)://", text), f"{path.name} names a host"
 
@@ -369,3 +395,88 @@ def test_documented_docker_run_flags_agree():
     for flag in ("--init=false", "--privileged", "--pid=host", "--ipc=host", "--gpus"):
         assert flag in readme
     assert "--init" not in readme
+
+
+# ---------------------------------------------------------------- Kubernetes
+
+def test_kubernetes_manifests_validate():
+    """kubernetes-validate --strict: every manifest against the API's schemas (unknown
+    or misspelt fields fail). CI sets LLMUX_REQUIRE_KUBERNETES_VALIDATE=1: there a
+    missing validator is a failure, not a skip."""
+    tool = shutil.which("kubernetes-validate")
+    if tool is None:
+        if os.environ.get("LLMUX_REQUIRE_KUBERNETES_VALIDATE"):
+            pytest.fail("kubernetes-validate is not installed (pip install -e '.[test]')")
+        pytest.skip("kubernetes-validate is not installed (pip install -e '.[test]')")
+    assert KUBERNETES, "no manifests in packaging/kubernetes"
+    proc = subprocess.run([tool, "--strict", *map(str, KUBERNETES)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count(" passed for resource ") == len(KUBERNETES), proc.stdout
+
+
+def kubernetes_docs() -> dict[str, dict]:
+    yaml = pytest.importorskip("yaml")
+    docs = {}
+    for path in KUBERNETES:
+        for doc in yaml.safe_load_all(path.read_text()):
+            docs[doc["kind"]] = doc
+    return docs
+
+
+def test_kubernetes_daemonset_has_what_criu_needs(tmp_path):
+    docs = kubernetes_docs()
+    pod = docs["DaemonSet"]["spec"]["template"]["spec"]
+    assert pod["hostPID"] is True and pod["hostIPC"] is True
+    (container,) = pod["containers"]
+    assert container["securityContext"]["privileged"] is True
+    assert "command" not in container and "args" not in container  # the image's llmuxd, PID 1
+    assert not pod.get("initContainers") and not pod.get("shareProcessNamespace")
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    # The ConfigMap is the catalog directory, without subPath (which never updates).
+    catalog = mounts["/etc/llmux"]
+    assert "subPath" not in catalog and "configMap" in volumes[catalog["name"]]
+    assert volumes[catalog["name"]]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    text = docs["ConfigMap"]["data"]["llmux.toml"]
+    (tmp_path / "llmux.toml").write_text(text)
+    cat = load_catalog(str(tmp_path / "llmux.toml"))
+    # State and checkpoints on the node's disk, where the catalog puts them.
+    state = volumes[mounts[cat.daemon.state_dir]["name"]]
+    assert state["hostPath"]["path"] == cat.daemon.state_dir
+    assert cat.daemon.checkpoint.images_dir.startswith(cat.daemon.state_dir + "/")
+    assert cat.daemon.checkpoint.criu_path == f"{CRIU_PREFIX}/bin/criu"
+    assert any(m.sleep_level == 4 for m in cat.models.values())
+    # Ready when the front answers /health on the port the catalog gives it.
+    probe = container["readinessProbe"]["httpGet"]
+    assert probe["path"] == "/health"
+    assert probe["port"] == int(cat.daemon.front.listen.rsplit(":", 1)[1])
+    # Stopping checkpoints then stops every model: the grace covers stop_timeout.
+    assert pod["terminationGracePeriodSeconds"] >= 4 * cat.daemon.stop_timeout
+    proc = subprocess.run([sys.executable, "-m", "llmuxd", "--config", str(tmp_path / "llmux.toml"),
+                           "--check"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    service = docs["Service"]["spec"]
+    assert service["clusterIP"] == "None"  # headless: the gateway sees every node
+    assert service["selector"] == docs["DaemonSet"]["spec"]["selector"]["matchLabels"]
+
+
+def test_readme_beyond_one_machine():
+    text = SECTIONS.read_text()
+    section = text.split("## Beyond one machine", 1)[1].split("\n## ", 1)[0]
+    for needle in ("packaging/kubernetes", "/v1/models", "LiteLLM", "kubernetes-validate"):
+        assert needle in section, f"README's 'Beyond one machine' lacks {needle!r}"
+
+
+def test_smoke_runs_the_seed_flags_without_init():
+    """packaging/container/smoke.sh (run by .ci/run) starts its containers with the
+    seed's flags and never an init; bash can parse it."""
+    text = SMOKE.read_text()
+    subprocess.run(["bash", "-n", str(SMOKE)], check=True, timeout=30)
+    run = re.sub(r"\\\n\s*", " ", text).split("pm run -d", 1)[1].split("\n", 1)[0]
+    for flag in ("--privileged", "--ipc=host", "--init=false", "-v \"$state:/var/lib/llmux\""):
+        assert flag in run, f"smoke.sh's podman run lacks {flag}"
+    assert re.search(r"(?m)^start llmux-smoke-1 .* --pid=host$", text)
+    assert not re.search(r"(?m)^start llmux-smoke-3 .*--pid", text)  # its own PID namespace
+    assert "catatonit" not in text and "tini" not in text
+    assert "bash packaging/container/smoke.sh" in (ROOT / ".ci" / "run").read_text()

@@ -106,3 +106,69 @@ def test_sighup_reloads(make_daemon):
     wait_for(lambda: "h" in d.status()["models"], timeout=5, what="h after HUP")
     time.sleep(0.1)
     assert d.status()["config"]["error"] is None
+
+
+def configmap_update(volume, files: dict[str, str]) -> None:
+    """What the kubelet's AtomicWriter does to a ConfigMap volume: the files go into a
+    new hidden `..TIMESTAMP` directory, a `..data_tmp` link to it is renamed over
+    `..data`, each key is a link `NAME -> ..data/NAME` (made once), the old directory
+    is removed. The key files themselves never change."""
+    import shutil
+    old = os.readlink(volume / "..data") if (volume / "..data").is_symlink() else None
+    stamp = volume / f"..{time.strftime('%Y_%m_%d_%H_%M_%S')}.{time.monotonic_ns()}"
+    for rel, text in files.items():
+        (stamp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stamp / rel).write_text(text)
+    os.symlink(stamp.name, volume / "..data_tmp")
+    os.rename(volume / "..data_tmp", volume / "..data")
+    for top in {rel.split("/")[0] for rel in files}:
+        if not (volume / top).is_symlink():
+            os.symlink(f"..data/{top}", volume / top)
+    if old:
+        shutil.rmtree(volume / old)
+
+
+def test_watcher_sees_a_configmap_update():
+    import tempfile
+    import threading
+    from pathlib import Path
+
+    from llmuxd.watch import CatalogWatcher
+    with tempfile.TemporaryDirectory() as tmp:
+        volume = Path(tmp)
+        configmap_update(volume, {"llmux.toml": "# one\n"})
+        woken = threading.Event()
+        w = CatalogWatcher(str(volume / "llmux.toml"), woken.set)
+        assert w.link_hops() == {str(volume / "..data"),
+                                 str(volume / os.readlink(volume / "..data"))}
+        w.start()
+        try:
+            time.sleep(1.5)  # the watch is live (and its first timeout has passed)
+            w.changed.clear()
+            woken.clear()
+            configmap_update(volume, {"llmux.toml": "# two\n"})
+            assert woken.wait(5) and w.changed.is_set(), "the ..data swap was not seen"
+        finally:
+            w.stop()
+
+
+def test_configmap_volume_catalog_hot_reloads(make_daemon):
+    """llmuxd on a Kubernetes ConfigMap volume (packaging/kubernetes/): an edit of the
+    ConfigMap, a main-file key or a models.d/ item, is applied like any other edit."""
+    d = make_daemon({"a": {}}, start=False)
+    volume = d.tmp / "configmap"
+    volume.mkdir()
+    main = d.config.read_text()
+    configmap_update(volume, {"llmux.toml": main, "models.d/x.toml": model_toml("x", free_port())})
+    d.config = volume / "llmux.toml"
+    d.start()
+    assert set(d.status()["models"]) == {"a", "x"}
+    configmap_update(volume, {"llmux.toml": main + model_toml("y", free_port()),
+                              "models.d/x.toml": model_toml("x", free_port())})
+    wait_for(lambda: "y" in d.status()["models"], timeout=5, what="y from the ConfigMap update")
+    configmap_update(volume, {"llmux.toml": main + model_toml("y", free_port()),
+                              "models.d/z.toml": model_toml("z", free_port())})
+    wait_for(lambda: set(d.status()["models"]) == {"a", "y", "z"}, timeout=5,
+             what="models.d/z.toml in, x.toml out, from the second update")
+    assert d.status()["config"]["error"] is None
+    assert d.swap("z")["ok"]
