@@ -87,7 +87,8 @@ class Daemon:
         self.started_wall = time.time()
         self.is_pid1 = os.getpid() == 1
         self.pending_pidfds: dict[str, int] = {}
-        self.resume: str | None = None  # checkpointed at shutdown: restore it at the next start
+        # Checkpointed at shutdown, least recently used first: restored at the next start.
+        self.resume: list[str] = []
         # State-file entries adoption has not settled yet, written back as they were.
         self.unadopted: dict[str, dict] = {}
         self.unadopted_active: str | None = None
@@ -123,7 +124,7 @@ class Daemon:
             self._health_tick()
             self._watchdog_tick()
             self.watcher.start()
-            self.resume = stored.get("resume")
+            self.resume = store.resume_list(stored)
             if stored.get("models"):
                 self.unadopted = dict(stored["models"])
                 self.unadopted_active = stored.get("active")
@@ -149,17 +150,23 @@ class Daemon:
             if job.ok:  # every entry was looked at; cut short, the rest stays recorded
                 self.unadopted.clear()
             self.save_state()
-        # The model a `shutdown = "checkpoint"` put to disk comes back first; else the default.
-        resume = self.resume if self.resume in self.runtimes else None
-        self.resume = None  # once asked for, it is an ordinary swap
-        target = resume or d.default_model
-        if target and self.active() is None and not self.shutting_down:
-            self.notifier.status(f"starting {target}")
-            self.start_job("swap", target, swap_plan(self, target),
-                           on_done=lambda job: self.notifier.ready(self.status_line()),
-                           claim=swap_claim(self, target))
-        else:
+        # What a `shutdown = "checkpoint"` put to disk comes back first (the resident set,
+        # in the order it was used); else the default model.
+        targets = [n for n in self.resume if n in self.runtimes] if self.active() is None else []
+        self.resume = []  # once asked for, they are ordinary swaps
+        if not targets and d.default_model and self.active() is None:
+            targets = [d.default_model]
+        self._start_next(targets)
+
+    def _start_next(self, targets: list[str]) -> None:
+        """One swap after the other (they may share a GPU), then READY=1."""
+        if not targets or self.shutting_down:
             self.notifier.ready(self.status_line())
+            return
+        target, rest = targets[0], targets[1:]
+        self.notifier.status(f"starting {target}")
+        self.start_job("swap", target, swap_plan(self, target),
+                       on_done=lambda job: self._start_next(rest), claim=swap_claim(self, target))
 
     def _idle_wait(self) -> float:
         return 30.0  # timers bound the wait anyway; this only caps a quiet loop
@@ -223,6 +230,11 @@ class Daemon:
         """The most recently activated model (v1 clients read `active`; `resident` has all)."""
         resident = self.resident()
         return max(resident, key=lambda n: self.runtimes[n].since) if resident else None
+
+    def resident_by_use(self) -> list[str]:
+        """Every active model, least recently used first (as placement counts it)."""
+        return sorted((n for n, rt in self.runtimes.items() if rt.state == S.ACTIVE),
+                      key=lambda n: (max(self.runtimes[n].since, self.runtimes[n].last_used), n))
 
     def resident(self) -> list[str]:
         """Every active model, least recently activated first."""
@@ -302,7 +314,7 @@ class Daemon:
             return
         checkpoint = mode == "checkpoint" and not hurry
         if checkpoint:
-            self.resume = self.active()
+            self.resume = self.resident_by_use()
         self.start_job("shutdown", None, shutdown_plan(self, hurry, checkpoint=checkpoint),
                        on_done=self._shutdown_done)
 
@@ -310,8 +322,12 @@ class Daemon:
         if self.job is not None or not job.message or job.message.startswith("cancelled"):
             return  # superseded by a faster shutdown
         self.reaper.reap()
-        self.exit_code = 0 if job.ok and not self.killed_any else 1
-        log.info("llmuxd exiting with status %d", self.exit_code)
+        # A checkpoint that became a stop is not the shutdown that was asked for: say so
+        # with the exit status too (systemd shows the unit failed; the log says why).
+        degraded = bool(job.warnings)
+        self.exit_code = 0 if job.ok and not self.killed_any and not degraded else 1
+        log.info("llmuxd exiting with status %d%s", self.exit_code,
+                 f" ({'; '.join(job.warnings)})" if degraded else "")
 
     # -- model processes -----------------------------------------------------------
     def spec_in_use(self, name: str):

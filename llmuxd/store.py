@@ -56,7 +56,11 @@ def snapshot(daemon) -> dict:
     if active is None and daemon.unadopted_active in pending:
         active = daemon.unadopted_active
     return {"version": VERSION, "daemon_pid": os.getpid(), "active": active,
-            "resident": daemon.resident(), "resume": daemon.resume, "models": models}
+            "resident": daemon.resident(),
+            # "resume" stays one name (the last used) so that an older llmuxd still reads
+            # the file; the rest of a checkpointed resident set is in "resume_also".
+            "resume": daemon.resume[-1] if daemon.resume else None,
+            "resume_also": daemon.resume[:-1], "models": models}
 
 
 RESERVE = ".reserve"
@@ -162,6 +166,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def resume_list(stored: dict) -> list[str]:
+    """The models to restore, least recently used first (see snapshot)."""
+    last = stored.get("resume")
+    return [n for n in stored.get("resume_also") or [] if n != last] + ([last] if last else [])
+
+
 def validate(data) -> None:
     """Raise ValueError naming the first thing that is not what save() writes."""
     if not isinstance(data, dict) or data.get("version") != VERSION:
@@ -171,6 +181,9 @@ def validate(data) -> None:
     for key in ("active", "resume"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ValueError(f"{key}: not a model name")
+    also = data.get("resume_also")
+    if also is not None and not (isinstance(also, list) and all(isinstance(n, str) for n in also)):
+        raise ValueError("resume_also: not a list of model names")
     for name, entry in data["models"].items():
         if not isinstance(entry, dict):
             raise ValueError(f"models.{name}: not an object")

@@ -216,9 +216,11 @@ def shutdown_plan(view: View, hurry: bool = False, checkpoint: bool = False) -> 
         # A swap cancelled by the shutdown may have left its model draining.
         yield from let_streams_finish(view, [n for n, rt in view.runtimes.items()
                                              if rt.state in (S.ACTIVE, S.DRAINING)])
-    if checkpoint and active:
+    # Every resident model goes to disk (one dump at a time: they share /dev/shm's
+    # link_remap names); the next llmuxd restores them all.
+    for name in active if checkpoint else ():
         try:
-            yield from evict(view, active[0], force=True, level=4)
+            yield from evict(view, name, force=True, level=4)
         except StepFailed as exc:
             failures.append(str(exc))
     for name, rt in list(view.runtimes.items()):

@@ -112,6 +112,41 @@ def test_shutdown_checkpoint_restores_in_the_next_daemon(make_daemon):
     assert d.stored()["resume"] is None or d.stored()["resume"] == "a"
 
 
+@needs_criu
+def test_shutdown_checkpoint_puts_the_whole_resident_set_to_disk_and_back(make_daemon):
+    sized = {"sleep_level": 1, "gpu_memory": "30GiB"}
+    d = make_daemon({"a": dict(sized), "b": dict(sized), "c": dict(sized)},
+                    {"shutdown": "checkpoint", "gpu_memory": "80GiB",
+                     "checkpoint": {"criu_path": CRIU}})
+    assert d.swap("b")["ok"] and d.swap("a")["ok"] and d.swap("b")["ok"]  # b: the last used
+    assert sorted(d.status()["resident"]) == ["a", "b"]
+    assert d.stop(signal.SIGTERM) == 0
+    assert d.processes() == []
+    stored = d.stored()
+    assert {n: stored["models"][n]["state"] for n in "ab"} == \
+        {"a": "checkpointed", "b": "checkpointed"}
+    assert stored["resume"] == "b" and stored["resume_also"] == ["a"]
+    d.start()
+    wait_for(lambda: d.status()["job"] is None and d.status()["resident"] == ["a", "b"],
+             timeout=30, what="both restored at start")
+    assert d.status()["active"] == "b"  # the last used is the one v1 clients see
+    assert d.daemon_log().count("tracking restored pid") >= 2
+
+
+def test_shutdown_checkpoint_that_became_a_stop_exits_1(make_daemon, tmp_path):
+    wrapper = tmp_path / "criu-failing-dump"
+    wrapper.write_text('#!/bin/sh\nif [ "$1" = dump ]; then echo "Error (fake): injected" >&2; '
+                       'exit 1; fi\nexit 0\n')
+    wrapper.chmod(0o755)
+    d = make_daemon({"a": {"sleep_level": 1}},
+                    {"shutdown": "checkpoint", "checkpoint": {"criu_path": str(wrapper)}})
+    assert d.swap("a")["ok"]
+    assert d.stop(signal.SIGTERM) == 1  # stopped, not checkpointed: not the shutdown asked for
+    assert d.processes() == []
+    assert "could not reach sleep level 4" in d.daemon_log()
+    assert d.stored()["models"]["a"]["state"] == "stopped"
+
+
 STEPS = [  # (failpoint, swap that reaches it)
     ("drain", ["a", "b"]), ("sleep", ["a", "b"]), ("start:b", ["a", "b"]), ("health:b", ["a", "b"]),
     ("transition:going_to_sleep", ["a", "b"]), ("transition:waking", ["a", "b", "a"]),
