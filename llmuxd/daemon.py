@@ -3,55 +3,43 @@
 It owns all state and runs on one thread. Events arrive from the reactor
 (signals, the control socket, child exits, timers); the daemon turns them into
 jobs (plans run by the runner; at once only when their claims on GPUs are
-disjoint, see claims.py) or into supervision: an active
-model that crashes or stops answering /health is restarted with exponential
-backoff and marked `failed` after a burst; a sleeping model that dies is marked
-`stopped`. A model we asked to stop exiting is not a failure.
+disjoint, see claims.py), into supervision (supervision.py: restarts, health,
+what every state change sets off) or into a catalog reload (reload.py). Those two
+are mixins of the one Daemon object, so there is still a single owner of the state.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
 import time
 
-from . import checkpoint_io, gpu_memory, launch, metrics, procs, seccomp, store, trust
+from . import gpu_memory, launch, metrics, procs, seccomp, store, trust
 from . import states as S
-from .actions import HttpResult, describe_http
 from .access import Access
-from .catalog import Catalog, CatalogError, load_catalog
+from .catalog import Catalog
 from .commands import Commands
 from .control import ControlServer
 from .front import Front, MetricsPort
-from .http import HttpCall
 from .loop import Reactor
 from .notify import Notifier
 from .runner import Job, Runner
 from .adopt import adopt_plan
-from .claims import gpus_of, model_claim, swap_claim
-from .swap import recover_plan, shutdown_plan, stop_plan, swap_plan
+from .claims import swap_claim
+from .reload import CatalogReload
+from .supervision import Supervision
+from .swap import shutdown_plan, swap_plan
 from .watch import CatalogWatcher
 
 log = logging.getLogger(__name__)
 REAP_SWEEP = 2.0  # SIGCHLD does the reaping; this sweep only heals a lost signal
 
 
-# Transitions not written to the state file (each write costs an fsync, ~1 ms):
-# for these a restarted llmuxd reaches the same conclusion from the state before,
-# because adoption asks the process itself (/health, /is_sleeping). A model stored
-# as active that was draining or going to sleep is found awake or asleep; one
-# stored as sleeping that was waking is found awake and stopped.
-UNPERSISTED = frozenset({S.DRAINING, S.GOING_TO_SLEEP, S.WAKING})
 
-
-def same_definition(a, b) -> bool:
-    """Equal but for where they were written (an edit above moves every line)."""
-    return dataclasses.replace(a, source="") == dataclasses.replace(b, source="")
-
-
-class Daemon:
+class Daemon(Supervision, CatalogReload):
+    """The state and the wiring; supervision.py and reload.py hold the two other
+    concerns of the same object (mixins: one owner of the state, three modules)."""
     def __init__(self, catalog: Catalog) -> None:
         self.catalog = catalog
         self.config_path = catalog.path
@@ -184,28 +172,8 @@ class Daemon:
             self.watcher.changed.clear()
             log.info("catalog changed on disk: reloading")
             self.reload()
-        if self.job is not None or self.shutting_down:
-            return
-        for name, rt in list(self.runtimes.items()):
-            if not rt.extra.get("removal_pending"):
-                continue
-            if rt.state in (S.STOPPED, S.FAILED):
-                self._forget(name)
-            elif rt.state in S.ASLEEP:  # swapped away at last: now it can go
-                self.start_job("remove", name, stop_plan(self, name),
-                               on_done=lambda job, name=name: self._forget(name))
-                return
-
-    def _forget(self, name: str) -> None:
-        rt = self.runtimes.get(name)
-        if rt is None or rt.state not in (S.STOPPED, S.FAILED):
-            return
-        del self.runtimes[name]
-        self.specs_in_use.pop(name, None)
-        models = {k: v for k, v in self.catalog.models.items() if k != name}
-        self.catalog = dataclasses.replace(self.catalog, models=models)
-        log.info("%s removed from the catalog", name)
-        self.save_state()
+        if self.job is None and not self.shutting_down:
+            self.remove_pending()
 
     def save_state(self) -> None:
         """Persist; what went wrong stays in status (daemon.state_error) and in the
@@ -410,226 +378,17 @@ class Daemon:
             self.on_model_exit(name, child, None)
         self.reactor.add_reader(pidfd, exited)
 
-    def on_model_exit(self, name: str, child: procs.Child, status: int | None) -> None:
-        procs.mark_reaped(child, status)
-        rt = self.runtimes.get(name)
-        if rt is None or rt.pid != child.pid:
-            return
-        expected = bool(rt.extra.get("stop_requested"))
-        reason = procs.describe_exit(status, expected)
-        rt.exit_reason, rt.pid = reason, None
-        if expected:
-            # Name what llmuxd sent: a server may die of another signal than the one asked
-            # (vLLM turns SIGTERM into SIGINT), and "killed by SIGINT, as asked" misleads.
-            sent = rt.extra.pop("signal_sent", None)
-            log.info("%s: pid %d %s%s", name, child.pid, reason,
-                     f" after llmuxd's {sent}" if sent else " (stopped by llmuxd)")
-            return
-        log.warning("%s: pid %d %s unexpectedly (state %s)", name, child.pid, reason, rt.state)
-        if rt.state in (S.ACTIVE, S.SLEEPING, S.SUSPENDED):
-            self.on_crash(name, f"{reason}")
-        else:
-            self.save_state()
-        # In a transitional state the running plan notices (CheckExited, HTTP).
 
-    def advance(self, name: str, state: str, error: str | None = None) -> None:
-        """A transition decided by supervision (not by a plan): same table, same hooks."""
-        rt = self.runtimes[name]
-        before = rt.state
-        S.advance(rt, state, error)
-        log.info("%s: %s -> %s%s", name, before, state, f" ({error})" if error else "")
-        self.on_transition(name, before, state)
 
-    def strays(self, name: str) -> set[int]:
-        """Processes of the model outside its process group (see procs.strays)."""
-        rt = self.runtimes[name]
-        tracked = {r.pid for r in self.runtimes.values() if r.pid}
-        return procs.strays(rt.pid, rt.pgid, launch.marker(name),
-                            lambda pid: pid in tracked or self.reaper.owns(pid))
 
-    def signal_model(self, name: str, sig: int) -> bool:
-        """The model's process group and its strays; False when nothing of it was left."""
-        rt = self.runtimes[name]
-        sent = rt.pgid is not None and procs.kill_group(rt.pgid, sig)
-        return procs.signal_strays(lambda: self.strays(name), sig) > 0 or sent
 
-    def on_crash(self, name: str, reason: str) -> None:
-        rt = self.runtimes[name]
-        self.stats.crash(name)
-        if rt.pgid is not None:
-            self.signal_model(name, signal.SIGKILL)  # EngineCore outlives its API server
-        if rt.state == S.ACTIVE:
-            self.advance(name, S.RESTARTING, error=f"crashed: {reason}")
-            self.schedule_restart(name)
-        else:
-            self.advance(name, S.STOPPED, error=f"died while {rt.state}: {reason}")
 
-    def schedule_restart(self, name: str) -> None:
-        rt, d = self.runtimes[name], self.catalog.daemon
-        now = time.monotonic()
-        rt.restarts = [t for t in rt.restarts if now - t < d.restart_window]
-        if len(rt.restarts) >= d.restart_limit or self.shutting_down:
-            if rt.pgid is not None:
-                procs.kill_group(rt.pgid, signal.SIGKILL)
-            self.advance(name, S.FAILED, error=f"{rt.last_error}; gave up after "
-                         f"{len(rt.restarts)} restart(s) within {d.restart_window:g}s")
-            log.error("%s: %s", name, rt.last_error)
-            return
-        delay = min(60.0, d.restart_backoff * 2 ** len(rt.restarts))
-        rt.restarts.append(now)
-        rt.restarts_total += 1
-        log.warning("%s: restarting in %.1fs (restart %d of %d)", name, delay, len(rt.restarts),
-                    d.restart_limit)
-        self.reactor.call_later(delay, lambda: self._restart_due(name))
 
-    def _restart_due(self, name: str) -> None:
-        rt = self.runtimes.get(name)
-        if rt is None or rt.state != S.RESTARTING or self.shutting_down:
-            return
-        claim = model_claim(self, name)
-        if self.runner.conflicting(claim) is not None:  # a job on its GPUs: after it
-            self.reactor.call_later(0.5, lambda: self._restart_due(name))
-            return
-        self.start_job("recover", name, recover_plan(self, name), on_done=self._recover_done,
-                       claim=claim)
 
-    def _recover_done(self, job: Job) -> None:
-        rt = self.runtimes.get(job.model)
-        if job.ok or rt is None or rt.state != S.FAILED or self.shutting_down:
-            return
-        self.advance(job.model, S.RESTARTING)
-        self.schedule_restart(job.model)
 
-    def on_transition(self, name: str, before: str | None, after: str) -> None:
-        """Hook for every state change (the state file and notifications attach here)."""
-        if after != S.ADOPTING:  # settled (or being stopped): from now on the record is ours
-            self.unadopted.pop(name, None)
-        if after not in UNPERSISTED:
-            self.save_state()
-        if self.front is not None:
-            self.front.on_transition(name, after)
-        if after == S.ACTIVE:
-            self.notifier.status(f"active: {name}")
-            self._measure(name)
 
-    def _measure(self, name: str) -> None:
-        """Record what the newly active model really holds (NVML; absent without a GPU)."""
-        rt = self.runtimes[name]
-        try:
-            pids = checkpoint_io.process_tree(self, name) if rt.pid else []
-            warning = gpu_memory.record_measured(rt, self.spec_in_use(name).gpu_memory, pids,
-                                                 self.gpu_reader)
-        except Exception as exc:  # a measurement must never break a swap
-            log.debug("%s: GPU memory not measured: %s", name, exc)
-            return
-        if warning:
-            log.warning("%s", warning)
-            rt.extra["gpu_over"] = True
-        else:
-            rt.extra.pop("gpu_over", None)
 
-    # -- health of the active model --------------------------------------------------
-    def _in_a_job(self, name: str) -> bool:
-        """A running job may change this model (health waits for it to finish)."""
-        return self.runner.conflicting(gpus_of(self, name)) is not None
 
-    def _health_tick(self) -> None:
-        self.reactor.call_later(self.catalog.daemon.health_interval, self._health_tick)
-        if self.shutting_down:
-            return
-        for name, rt in self.runtimes.items():
-            if rt.state == S.ACTIVE and not self._in_a_job(name):
-                spec = self.spec_in_use(name)
-                HttpCall(self.reactor, launch.connect_host(spec), spec.port, "GET", "/health", None,
-                         5.0, lambda result, name=name: self._health_result(name, result))
 
-    def _health_result(self, name: str, result) -> None:
-        rt = self.runtimes.get(name)
-        if rt is None or rt.state != S.ACTIVE or self._in_a_job(name):
-            return
-        if isinstance(result, HttpResult) and result.ok:
-            rt.health_failures = 0
-            d = self.catalog.daemon
-            # Healthy again for as long as it takes to call it unhealthy: the error is history.
-            if rt.last_error and time.time() - (rt.last_error_at or 0) >= \
-                    d.health_interval * d.health_failures:
-                log.info("%s: healthy again; last error cleared (%s)", name, rt.last_error)
-                rt.last_error = rt.last_error_at = None
-            return
-        rt.health_failures += 1
-        limit = self.catalog.daemon.health_failures
-        log.warning("%s: health check failed (%d of %d): %s", name, rt.health_failures, limit,
-                    describe_http(result))
-        if rt.health_failures >= limit:
-            self.stats.crash(name)
-            self.advance(name, S.RESTARTING,
-                         error=f"unhealthy: {limit} failed health checks ({describe_http(result)})")
-            self.schedule_restart(name)
 
-    # -- catalog --------------------------------------------------------------------
-    def reload(self) -> tuple[bool, str]:
-        self.notifier.reloading()
-        try:
-            new = load_catalog(self.config_path)
-        except CatalogError as exc:
-            if self.config_error != str(exc):
-                log.error("catalog not reloaded, the last good one stays in force:\n%s", exc)
-            self.config_error = str(exc)
-            self.notifier.send("READY=1", f"STATUS=reload failed: {str(exc).splitlines()[0]}")
-            return False, str(exc)
-        message = self.apply_catalog(new)
-        self.config_error = None
-        self.notifier.ready(self.status_line())
-        return True, message
 
-    def apply_catalog(self, new: Catalog) -> str:
-        """Apply a new catalog as a diff: unchanged models are not touched at all."""
-        old = self.catalog
-        notes = []
-        models = dict(new.models)
-        for name in old.models.keys() - new.models.keys():
-            rt = self.runtimes[name]
-            busy = any(job.model == name for job in self.jobs)  # a plan is using it
-            if rt.state in (S.STOPPED, S.FAILED) and not busy:
-                del self.runtimes[name]
-                notes.append(f"removed {name}")
-            else:  # still has a process or images: keep its definition until it is stopped
-                models[name] = old.models[name]
-                rt.extra["removal_pending"] = True
-                notes.append(f"{name} will be removed once stopped")
-        for name in new.models.keys() - old.models.keys():
-            if name in self.runtimes:  # removal pending, and now it is back
-                self.runtimes[name].extra.pop("removal_pending", None)
-                self.runtimes[name].extra["restart_pending"] = True
-            else:
-                self.runtimes[name] = S.Runtime(name)
-            notes.append(f"added {name}")
-        for name in new.models.keys() & old.models.keys():
-            rt = self.runtimes[name]
-            rt.extra.pop("removal_pending", None)
-            if same_definition(new.models[name], old.models[name]):
-                continue
-            if rt.state in S.HAS_PROCESS or rt.state == S.CHECKPOINTED:
-                rt.extra["restart_pending"] = True
-                notes.append(f"{name} changed: restart pending (applies at its next start)")
-            else:
-                notes.append(f"{name} changed")
-        fixed = [k for k in ("socket", "socket_mode", "socket_group", "state_dir", "log_dir",
-                             "max_clients", "client_timeout", "metrics_listen")
-                 if getattr(new.daemon, k) != getattr(old.daemon, k)]
-        daemon = new.daemon
-        if new.daemon.front.listen != old.daemon.front.listen:
-            fixed.append("front.listen")
-            daemon = dataclasses.replace(daemon, front=dataclasses.replace(
-                new.daemon.front, listen=old.daemon.front.listen, host=old.daemon.front.host,
-                port=old.daemon.front.port))
-        if fixed:
-            notes.append(f"not applied until llmuxd restarts: daemon.{', daemon.'.join(fixed)}")
-            daemon = dataclasses.replace(daemon, **{k: getattr(old.daemon, k) for k in fixed
-                                                    if "." not in k})
-        self.catalog = dataclasses.replace(new, daemon=daemon, models=models)
-        self.access = Access(daemon, strict=False)
-        for note in notes:
-            log.info("reload: %s", note)
-        self.save_state()
-        return "; ".join(notes) or "no changes"
