@@ -73,8 +73,9 @@ class RunTools:
 
 @dataclass(frozen=True)
 class Io:
-    """A named filesystem or /proc operation of checkpoint_io.py -> its return value,
-    or IoFailed. Plans stay pure: they name the operation, the daemon performs it."""
+    """A named filesystem or /proc operation (checkpoint_io.py, link_remap.py,
+    adopt_io.py) -> its return value, or IoFailed. Plans stay pure: they name the
+    operation, the daemon performs it."""
     name: str
     args: tuple = ()
 

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import adopt_io, checkpoint_io, launch, procs
+from . import adopt_io, checkpoint_io, launch, link_remap, procs
 from . import states as S
 from .claims import EVERYTHING, conflicts
 from .actions import (CheckExited, CheckPort, Degraded, Http, InFlight, Io, IoFailed, Now, Pause,
@@ -305,7 +305,8 @@ class Runner:
 
     def _io(self, job, op: Io):
         try:
-            operation = checkpoint_io.OPERATIONS.get(op.name) or adopt_io.OPERATIONS[op.name]
+            operation = (checkpoint_io.OPERATIONS.get(op.name) or link_remap.OPERATIONS.get(op.name)
+                         or adopt_io.OPERATIONS[op.name])
             return operation(self.d, *op.args)
         except Exception as exc:  # psutil.Error, a malformed manifest...: the plan decides
             log.warning("%s%s failed: %s", op.name, op.args, exc)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from types import SimpleNamespace
 
 import pytest
 
-from llmuxd import checkpoint_io as cio
+from llmuxd import checkpoint_io as cio, link_remap
 
 
 def fake_daemon(images_dir):
@@ -28,25 +27,25 @@ def images_naming(folder, *names):
 
 def test_link_remaps_of_a_dump_are_stashed_and_put_back_and_nothing_else_moves(tmp_path):
     d = fake_daemon(tmp_path)
-    before_dump = cio.link_remaps(d)
+    before_dump = link_remap.link_remaps(d)
     ours, theirs = "/dev/shm/link_remap.990001", "/dev/shm/link_remap.990002"
     for path in (ours, theirs):
         open(path, "w").close()
     stash = None
     try:
         images_naming(tmp_path / "img", "link_remap.990001")  # the dump names only ours
-        stash = cio.stash_link_remaps(d, "a", before_dump, str(tmp_path / "img"))
+        stash = link_remap.stash_link_remaps(d, "a", before_dump, str(tmp_path / "img"))
         assert not os.path.exists(ours) and os.path.exists(theirs)
         assert oct(os.stat(stash["dir"]).st_mode & 0o777) == "0o700"
-        assert cio.unstash_link_remaps(d, stash) == [ours] and os.path.exists(ours)
-        cio.clear_link_remaps(d, stash, drop=False)      # a failed restore: the stash stays
+        assert link_remap.unstash_link_remaps(d, stash) == [ours] and os.path.exists(ours)
+        link_remap.clear_link_remaps(d, stash, drop=False)      # a failed restore: the stash stays
         assert not os.path.exists(ours) and os.listdir(stash["dir"]) == ["link_remap.990001"]
         open(ours, "w").close()                          # someone else took the name meanwhile
         with pytest.raises(ValueError, match="exists and is not this checkpoint's"):
-            cio.unstash_link_remaps(d, stash)
+            link_remap.unstash_link_remaps(d, stash)
         os.unlink(ours)
-        cio.unstash_link_remaps(d, stash)
-        cio.clear_link_remaps(d, stash, drop=True)       # a good restore: everything goes
+        link_remap.unstash_link_remaps(d, stash)
+        link_remap.clear_link_remaps(d, stash, drop=True)       # a good restore: everything goes
         assert not os.path.exists(stash["dir"]) and not os.path.exists(ours)
         assert os.path.exists(theirs)
     finally:
@@ -61,13 +60,13 @@ def test_link_remaps_of_a_dump_are_stashed_and_put_back_and_nothing_else_moves(t
 def test_a_planted_stash_folder_is_refused(tmp_path):
     d = fake_daemon(tmp_path)
     with pytest.raises(ValueError, match="bad link_remap stash"):
-        cio.unstash_link_remaps(d, {"dir": "/etc", "files": [["passwd", 0, 0]]})
+        link_remap.unstash_link_remaps(d, {"dir": "/etc", "files": [["passwd", 0, 0]]})
     folder = "/dev/shm/llmux-remap-x-planted"
     os.makedirs(folder, exist_ok=True)
     os.chmod(folder, 0o777)
     try:
         with pytest.raises(ValueError, match="not llmuxd's private folder"):
-            cio.unstash_link_remaps(d, {"dir": folder, "files": []})
+            link_remap.unstash_link_remaps(d, {"dir": folder, "files": []})
     finally:
         os.rmdir(folder)
 

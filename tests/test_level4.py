@@ -6,7 +6,6 @@ both, as vLLM 0.26 does (llmuxd/sim/host.py); the CRIU tests use the real CRIU."
 from __future__ import annotations
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from llmuxd import seccomp
-from llmuxd.checkpoint_io import named_link_remaps
+from llmuxd.link_remap import named_link_remaps
 
 from .daemon_fixture import wait_for
 from .test_checkpoint import CRIU, complete, needs_criu, tree

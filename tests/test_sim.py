@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llmuxd.sim import engine as sim_engine
+from llmuxd.sim import tp as sim_tp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -524,7 +524,7 @@ def test_tp_sigterm_leaves_no_worker(start_sim, tmp_path):
     assert sim.proc.wait(5) == 0
     assert not any(alive(p) for p in pids) and group_pids(sim.proc.pid) == []
     assert os.listdir(cuda) == []
-    assert not [f for f in os.listdir(sim_engine.store_dir())
+    assert not [f for f in os.listdir(sim_tp.store_dir())
                 if f.startswith(f"llmux-sim-{st['engine_pid']}-")]
 
 
@@ -540,14 +540,19 @@ def test_tp_workers_exit_when_the_engine_dies(start_sim):
     assert group_pids(sim.proc.pid) == [sim.proc.pid]
 
 
-def test_tp_worker_death_kills_the_engine(start_sim):
+def test_tp_worker_death_kills_the_engine(start_sim, tmp_path):
     # vLLM's executor watches its workers: one dies, the engine shuts down.
-    sim = start_sim("-tp", "2", env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
+    cuda = tmp_path / "cuda"
+    sim = start_sim("-tp", "2", "--fake-cuda-dir", str(cuda),
+                    env={"VLLM_KEEP_ALIVE_ON_ENGINE_DEATH": "1"})
     st = sim.state()
+    assert (cuda / str(st["engine_pid"])).exists()
     os.kill(st["workers"][1]["pid"], signal.SIGKILL)
     assert wait_for(lambda: group_pids(sim.proc.pid) == [sim.proc.pid])
     assert sim.health() == 503 and sim.complete()[0] == 500
     assert "Worker_TP1" in sim.err.read_text()
+    # the engine's exit from its monitor thread still removes its fake CUDA file
+    assert not (cuda / str(st["engine_pid"])).exists()
 
 
 def _gpus():
@@ -573,7 +578,7 @@ def test_real_nccl_tp2(start_sim):
     assert st["cuda"]["intact"] is True and st["cuda"]["mb"] == 128
     real_ok = (200, {"ok": True, "expected": 3, "values": [3, 3], "real": True})
     assert sim.json("POST", "/sim/allreduce") == real_ok
-    gen0 = os.path.join(sim_engine.store_dir(), f"llmux-sim-{engine_pid}-gen0")
+    gen0 = os.path.join(sim_tp.store_dir(), f"llmux-sim-{engine_pid}-gen0")
     for _ in range(2):
         assert sim.json("POST", "/collective_rpc", {"method": "suspend_nccl"}, timeout=120)[0] == 200
         assert not os.path.exists(gen0)  # no store is left between generations

@@ -3,8 +3,9 @@
 It imitates what llmuxd depends on in vLLM 0.10-0.16 (shared/research/vllm-api.md):
 
 - Two processes, as vLLM: this API server and an EngineCore child
-  (llmuxd/sim/engine.py) in the same process group, so a supervisor must kill
-  the group; the engine outlives a SIGKILLed API server.
+  (llmuxd/sim/engine.py; our side of it is client.py) in the same process
+  group, so a supervisor must kill the group; the engine outlives a SIGKILLed
+  API server.
 - With --tensor-parallel-size N > 1 (-tp N), N worker processes more
   (llmuxd/sim/worker.py), children of the engine, in the same group: they hold
   the GPU state and an NCCL group, torn down and rebuilt by the collective_rpc
@@ -35,7 +36,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from llmuxd.sim import engine as sim_engine, host as sim_host
+from llmuxd.sim import client as sim_client, cuda as sim_cuda, host as sim_host
+from llmuxd.sim import engine as sim_engine  # only for the internal `engine` subcommand
 
 SIM_VERSION = "0.0.0+llmux.sim"
 
@@ -167,7 +169,7 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_json(405, {"detail": "Method Not Allowed"})
         try:
             getattr(self, "route_" + route[1])(srv)
-        except sim_engine.EngineDead:
+        except sim_client.EngineDead:
             self.send_json(500, {"error": "EngineCore died (EngineDeadError)"})
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client went away; nothing to answer
@@ -286,7 +288,7 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(b"0\r\n\r\n")
 
     def route_metrics(self, srv):
-        text = sim_engine.metrics_text(srv.model, srv.state, srv.in_flight)
+        text = sim_client.metrics_text(srv.model, srv.state, srv.in_flight)
         self.send_body(200, text.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
     def route_sleep(self, srv):
@@ -379,8 +381,8 @@ def serve(args):
 
 
 def _serve(server, args):
-    cuda_file = sim_engine.fake_cuda_path(args.fake_cuda_dir)
-    sim_engine.write_fake_cuda(cuda_file)
+    cuda_file = sim_cuda.fake_cuda_path(args.fake_cuda_dir)
+    sim_cuda.write_fake_cuda(cuda_file)
     log(f"vLLM API server version {SIM_VERSION} (simulated), model {server.model}")
     if server.dev_mode:
         log("SECURITY WARNING: Development endpoints are enabled! This should NOT be used in production!")
@@ -388,7 +390,7 @@ def _serve(server, args):
         server.server_bind()  # bound now, listening only once the engine is ready
     except OSError as e:
         print(f"ERROR: cannot bind {args.host}:{args.port}: {e}", file=sys.stderr, flush=True)
-        sim_engine.remove_fake_cuda(cuda_file)
+        sim_cuda.remove_fake_cuda(cuda_file)
         return 1
 
     cfg = {key: getattr(args, key) for key in (
@@ -396,14 +398,14 @@ def _serve(server, args):
         "fake_cuda_dir", "cuda_mb", "tensor_parallel_size")}
     stop = threading.Event()
     try:
-        server.engine = sim_engine.start_engine(cfg, lambda *_: stop.set())
-    except sim_engine.EngineDead as e:
+        server.engine = sim_client.start_engine(cfg, lambda *_: stop.set())
+    except sim_client.EngineDead as e:
         print(f"RuntimeError: Engine core initialization failed. See root cause above. {e}",
               file=sys.stderr, flush=True)
-        sim_engine.remove_fake_cuda(cuda_file)
+        sim_cuda.remove_fake_cuda(cuda_file)
         return 1
     except KeyboardInterrupt:
-        sim_engine.remove_fake_cuda(cuda_file)
+        sim_cuda.remove_fake_cuda(cuda_file)
         raise  # CPython then kills itself with SIGINT, as vLLM does
 
     server.server_activate()
@@ -429,7 +431,7 @@ def _serve(server, args):
     server.shutdown()
     server.server_close()
     server.engine.stop()
-    sim_engine.remove_fake_cuda(cuda_file)
+    sim_cuda.remove_fake_cuda(cuda_file)
     log("Application shutdown complete.")
     return status
 

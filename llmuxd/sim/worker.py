@@ -1,10 +1,10 @@
 """A tensor-parallel worker of llmux-sim, like vLLM's `VLLM::Worker_TP<i>`.
 
-With --tensor-parallel-size N the EngineCore (llmuxd/sim/engine.py) spawns N of
+With --tensor-parallel-size N the EngineCore (llmuxd/sim/tp.py) spawns N of
 these, one per rank, in its own process group (no setsid).  Rank i:
 
 - holds its shard of the "weights": --cuda-mb MiB on visible GPU i when torch
-  with CUDA is there (sim_engine.GpuWeights), which sleep levels 1 and 2 move
+  with CUDA is there (sim_cuda.GpuWeights), which sleep levels 1 and 2 move
   to host RAM or drop, as the engine does at TP=1;
 - is a member of an NCCL process group of all ranks, made from a FileStore
   (`file://` init; no TCPStore socket survives a generation) with NVLink
@@ -31,7 +31,7 @@ import sys
 import threading
 from datetime import timedelta
 
-from llmuxd.sim import engine as sim_engine
+from llmuxd.sim import cuda as sim_cuda, tp as sim_tp
 
 NCCL_TIMEOUT_S = 120  # a rank that never joins must not hang the others forever
 
@@ -58,7 +58,7 @@ class Worker:
             self.load_gpu(cfg["cuda_mb"])
 
     def load_gpu(self, mb):
-        for key, value in sim_engine.NCCL_ENV.items():  # before torch loads NCCL
+        for key, value in sim_tp.NCCL_ENV.items():  # before torch loads NCCL
             os.environ[key] = value
         try:
             import torch
@@ -79,7 +79,7 @@ class Worker:
             raise StartError("torch.distributed with NCCL is not available")
         torch.cuda.set_device(self.rank)
         self.torch, self.dist, self.dev, self.real = torch, dist, torch.device("cuda", self.rank), True
-        self.gpu = sim_engine.GpuWeights(torch, mb, self.rank)
+        self.gpu = sim_cuda.GpuWeights(torch, mb, self.rank)
         log(self.rank, f"Allocated {mb} MiB on GPU {self.rank} ({self.gpu.device})")
 
     def handle(self, req):
@@ -102,10 +102,10 @@ class Worker:
     def op_state(self, req):
         return {"rank": self.rank, "pid": os.getpid(), "nccl": self.nccl,
                 "cuda": self.gpu.info() if self.gpu else None,
-                "fake_cuda": sim_engine.read_fake_cuda(self.cuda_file)}
+                "fake_cuda": sim_cuda.read_fake_cuda(self.cuda_file)}
 
     def op_check(self, req):
-        cuda = sim_engine.read_fake_cuda(self.cuda_file)
+        cuda = sim_cuda.read_fake_cuda(self.cuda_file)
         if cuda not in (None, "running"):
             return {"ok": False, "error": f"CUDA state is {cuda} (Worker_TP{self.rank})"}
         if req.get("nccl") and self.nccl != "up":
@@ -177,20 +177,20 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = json.loads(args.config)
     rank = cfg["rank"]
-    cuda_file = sim_engine.fake_cuda_path(cfg.get("fake_cuda_dir"))
+    cuda_file = sim_cuda.fake_cuda_path(cfg.get("fake_cuda_dir"))
 
     def bye(status, why=None):
         # os._exit: no interpreter teardown, which could hang in NCCL's destructors.
         if why:
             log(rank, why)
-        sim_engine.remove_fake_cuda(cuda_file)
+        sim_cuda.remove_fake_cuda(cuda_file)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
 
     signal.signal(signal.SIGTERM, lambda *_: bye(0))
     signal.signal(signal.SIGINT, lambda *_: bye(0))
-    sim_engine.write_fake_cuda(cuda_file)
+    sim_cuda.write_fake_cuda(cuda_file)
 
     def watch_death():  # vLLM's death pipe: EOF means the engine is gone
         while True:
