@@ -15,7 +15,9 @@ import json
 import logging
 
 from .. import launch
+from .. import states as S
 from .demand import Demand, Task
+from .pool import Pool
 from .proxy import Upstream, request_headers
 from .routes import FRONT_HEALTH, FRONT_MODELS, Reply, Route, json_reply, models_list, route
 from .server import FrontServer
@@ -39,6 +41,7 @@ class Front:
         self.server = FrontServer(daemon.reactor, s.host, s.port, self.on_request,
                                   self.abandon)
         self.demand = Demand(daemon, self._dispatch)
+        self.pool = Pool(daemon.reactor, self._keeps)
         self.requests = 0
 
     @property
@@ -64,6 +67,7 @@ class Front:
 
     def close(self) -> None:
         self.server.close()
+        self.pool.close()
 
     # -- what the daemon asks ----------------------------------------------------------
     def in_flight(self, name: str) -> int:
@@ -73,12 +77,19 @@ class Front:
         return sum(self.demand.in_flight.values())
 
     def on_transition(self, name: str, after: str) -> None:
+        if after != S.ACTIVE:
+            self.pool.drop(name)  # drained, asleep, stopped or dead: its connections are over
         self.demand.on_transition(name, after)
+
+    def _keeps(self, name: str) -> bool:
+        rt = self.d.runtimes.get(name)
+        return rt is not None and rt.state == S.ACTIVE and not self.d.shutting_down
 
     def status(self) -> dict:
         return {"listen": self.settings.listen, "queued": self.demand.queued(),
                 "in_flight": {k: v for k, v in self.demand.in_flight.items() if v},
-                "requests": self.requests}
+                "requests": self.requests, "upstream_reused": self.pool.reused,
+                "upstream_idle": self.pool.count()}
 
     # -- one request --------------------------------------------------------------------
     def _authorized(self, headers) -> bool:
@@ -135,7 +146,8 @@ class Front:
         self.demand.started(r.model)
         task.upstream = Upstream(self.d.reactor, host, spec.port, req.method.decode(), r.target,
                                  headers, body, task.conn,
-                                 done=lambda: self.demand.ended(r.model))
+                                 done=lambda: self.demand.ended(r.model),
+                                 pool=self.pool, model=r.model)
 
 
 def upstream_body(spec, body: bytes) -> bytes:
