@@ -3,7 +3,8 @@
 A connect costs little on loopback, but not nothing: through the front every
 request used to pay a connect, the server's accept and a close on both sides,
 and a burst of clients overflowed a small listen backlog (a 1 s SYN retry).
-So an upstream connection whose exchange ended cleanly (both sides of h11 DONE)
+So an upstream connection whose exchange ended cleanly (request sent, response
+read to its end, keep-alive on both sides)
 comes back here, and the next request for that model takes it.
 
 What makes it safe:
@@ -25,20 +26,17 @@ import socket
 import time
 from typing import Callable
 
-import h11
-
 IDLE_LIMIT = 4.0       # uvicorn's (vLLM's) keep-alive timeout is 5 s
 MAX_IDLE = 128         # per model: more than the clients of one burst need
 SWEEP = 1.0
 
 
 class Pooled:
-    """One idle connection: its socket and its h11 state, ready for a next request."""
-    __slots__ = ("model", "addr", "sock", "h11", "since")
+    """One idle connection, its last exchange complete, ready for a next request."""
+    __slots__ = ("model", "addr", "sock", "since")
 
-    def __init__(self, model: str, addr: tuple[str, int], sock: socket.socket,
-                 conn: h11.Connection) -> None:
-        self.model, self.addr, self.sock, self.h11 = model, addr, sock, conn
+    def __init__(self, model: str, addr: tuple[str, int], sock: socket.socket) -> None:
+        self.model, self.addr, self.sock = model, addr, sock
         self.since = time.monotonic()
 
 
@@ -62,17 +60,16 @@ class Pool:
             self._close(p)  # the model moved (a reload changed its port)
         return None
 
-    def give(self, model: str, addr: tuple[str, int], sock: socket.socket,
-             conn: h11.Connection) -> bool:
-        """Take back a connection whose exchange ended cleanly; False: the caller closes it."""
-        if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE \
-                or not self.keeps(model):
+    def give(self, model: str, addr: tuple[str, int], sock: socket.socket) -> bool:
+        """Take back a connection whose exchange ended cleanly (the whole request sent,
+        the whole response read, keep-alive on both sides: the caller knows); False:
+        the caller closes it."""
+        if not self.keeps(model):
             return False
         idle = self.idle.setdefault(model, [])
         if len(idle) >= MAX_IDLE:
             return False
-        conn.start_next_cycle()
-        p = Pooled(model, addr, sock, conn)
+        p = Pooled(model, addr, sock)
         idle.append(p)
         self.reactor.add_reader(sock, lambda: self._gone(p))
         if not self._sweeping:
