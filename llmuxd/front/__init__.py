@@ -13,6 +13,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import time
 
 from .. import launch
 from .. import states as S
@@ -23,6 +24,12 @@ from .routes import FRONT_HEALTH, FRONT_MODELS, Reply, Route, json_reply, models
 from .server import FrontServer
 
 log = logging.getLogger(__name__)
+# A model's server that refuses connections while llmuxd still has it active has
+# most likely just died: supervision notices within moments, and the request then
+# waits for the restart in the queue. Until then it is tried again every
+# REFUSED_RETRY; after REFUSED_GRACE it gets its 502.
+REFUSED_RETRY = 0.05
+REFUSED_GRACE = 5.0
 
 
 def is_loopback(host: str) -> bool:
@@ -147,7 +154,21 @@ class Front:
         task.upstream = Upstream(self.d.reactor, host, spec.port, req.method.decode(), r.target,
                                  headers, body, task.conn,
                                  done=lambda: self.demand.ended(r.model),
-                                 pool=self.pool, model=r.model)
+                                 pool=self.pool, model=r.model,
+                                 refused=lambda: self._refused(task))
+
+    def _refused(self, task: Task) -> None:
+        task.upstream = None
+        if task.conn.closed:
+            return
+        now = time.monotonic()
+        if task.refused_at is None:
+            task.refused_at = now
+        if now - task.refused_at > REFUSED_GRACE:
+            task.conn.reply_error(502, f"{task.route.model}'s server refused connections for "
+                                       f"{REFUSED_GRACE:g}s")
+            return
+        self.d.reactor.call_later(REFUSED_RETRY, lambda: task.conn.closed or self.demand.admit(task))
 
 
 def upstream_body(spec, body: bytes) -> bytes:

@@ -66,10 +66,11 @@ class Upstream:
 
     def __init__(self, reactor, host: str, port: int, method, target, headers,
                  body: bytes, client, done: Callable[[], None], pool=None,
-                 model: str | None = None) -> None:
+                 model: str | None = None, refused: Callable[[], None] | None = None) -> None:
         self.reactor = reactor
         self.client = client
         self._done = done
+        self._refused = refused       # the connect was refused: the request never left
         self._pool, self._model, self._addr = pool, model, (host, port)
         method = _b(method)
         # The parser cannot know that an answer to HEAD has no body: it ends at the head.
@@ -120,7 +121,8 @@ class Upstream:
             self._writing = True
             self.reactor.add_writer(self.sock, self._on_writable)
         else:
-            self.reactor.call_later(0, lambda: self._fail(f"connection failed: {os.strerror(err)}"))
+            self.reactor.call_later(0, lambda: self._fail(f"connection failed: {os.strerror(err)}",
+                                                          refused=True))
 
     def _retry_fresh(self) -> bool:
         """A pooled connection the server closed as we sent (its idle timeout): the
@@ -140,7 +142,7 @@ class Upstream:
         if self._connecting:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self._fail(f"connection failed: {os.strerror(err)}")
+                self._fail(f"connection failed: {os.strerror(err)}", refused=True)
                 return
             self._connecting = False
         try:
@@ -258,10 +260,13 @@ class Upstream:
             self.reactor.add_reader(self.sock, self._on_readable)
 
     # -- endings ------------------------------------------------------------------
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, refused: bool = False) -> None:
         if self.finished:
             return
         self._finish()
+        if refused and self._refused is not None:
+            self._refused()  # nothing reached the model: the front may send it again
+            return
         log.warning("upstream %s: %s", self.client, reason)
         message = f"the model's server failed: {reason}"
         if not self.started:
