@@ -15,11 +15,10 @@ front passes them.
 from __future__ import annotations
 
 import json
-import shutil
+import socket
 import subprocess
-from pathlib import Path
 
-from .harness import Ctx, free_port, wait_for
+from .harness import Ctx, ensure_tool, free_port, wait_for
 
 WRK_SCRIPT = r"""
 local bodies = {}
@@ -51,11 +50,6 @@ end
 """
 
 
-def tools_missing() -> list[str]:
-    return [t for t in ("wrk", "nginx") if shutil.which(t) is None and
-            not Path(f"/usr/sbin/{t}").exists()]
-
-
 def wrk(ctx: Ctx, port: int, connections: int, seconds: float, models=("a",), tokens: int = 1,
         stream: bool = False, timeout: float = 10.0, think_ms: int = 0) -> dict:
     """One wrk run against 127.0.0.1:port; its summary, latencies in ms. think_ms: each
@@ -65,7 +59,7 @@ def wrk(ctx: Ctx, port: int, connections: int, seconds: float, models=("a",), to
         script.write_text(WRK_SCRIPT)
     env = ctx.env(BENCH_MODELS=",".join(models), BENCH_TOKENS=str(tokens),
                   BENCH_STREAM="true" if stream else "false", BENCH_THINK_MS=str(think_ms))
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout:g}s",
+    argv = [ensure_tool(ctx, "wrk", "wrk")[0], "-t1", f"-c{connections}", f"-d{seconds:g}s", f"--timeout={timeout:g}s",
             "-s", str(script), f"http://127.0.0.1:{port}/v1/completions"]
     out = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=seconds + 60)
     line = [x for x in out.stdout.splitlines() if x.startswith("{")]
@@ -121,7 +115,7 @@ class Nginx:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Nginx":
-        binary = shutil.which("nginx") or "/usr/sbin/nginx"
+        binary, _ = ensure_tool(self.ctx, "nginx", "nginx-light")
         self.proc = subprocess.Popen([binary, "-p", str(self.dir), "-c", str(self.dir / "nginx.conf")],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=open(self.dir / "stderr.log", "ab"),
@@ -133,7 +127,6 @@ class Nginx:
         if self.proc.poll() is not None:
             raise RuntimeError(f"nginx exited: {(self.dir / 'stderr.log').read_text()[-500:]}"
                                f"{(self.dir / 'error.log').read_text()[-500:]}")
-        import socket
         try:
             socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
             return True

@@ -73,6 +73,12 @@ class Front:
         self.demand.fail_all("llmuxd is shutting down")
 
     def close(self) -> None:
+        # An answer still running ends as a failure its client can read (a stream: an
+        # error event), not as a bare close that looks like a network fault.
+        for conn in list(self.server.conns):
+            upstream = getattr(conn.task, "upstream", None)
+            if upstream is not None and not upstream.finished:
+                upstream.timed_out("llmuxd stopped before the answer was complete")
         self.server.close()
         self.pool.close()
 
