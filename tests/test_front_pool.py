@@ -132,3 +132,23 @@ def test_a_request_on_a_connection_closed_under_it_goes_again_on_a_new_one(loop)
     reply = get(s, "a")  # the pooled connection is closed with no answer: tried anew
     assert reply.startswith(b"HTTP/1.1 200 "), reply
     assert pool.reused == 1 and upstream.accepted == 2 and upstream.requests == 2
+
+
+def test_a_taken_connection_is_never_closed_by_the_pool():
+    """The selector may hand out the idle watcher's callback in the same loop pass in
+    which a request took the connection: the pool must leave it to its taker."""
+    from llmuxd.loop import Reactor
+    reactor = Reactor(lambda signum: None)
+    mine, theirs = socket.socketpair()
+    try:
+        pool = Pool(reactor, keeps=lambda m: True)
+        assert pool.give("a", ("127.0.0.1", 1), mine)
+        theirs.close()  # the server's close arrives while the connection is idle...
+        watcher = reactor.selector.get_key(mine).data[0]
+        taken = pool.take("a", ("127.0.0.1", 1))  # ...and a request takes it in that pass
+        assert taken is not None and taken.sock is mine
+        watcher()  # the stale callback of this pass
+        assert mine.fileno() != -1, "the pool closed a connection in use"
+    finally:
+        mine.close()
+        reactor.selector.close()

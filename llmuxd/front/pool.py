@@ -92,9 +92,13 @@ class Pool:
     def _gone(self, p: Pooled) -> None:
         # Idle means the server has nothing to say: a byte is a protocol error, an
         # EOF its close. Either way the connection is finished.
+        # Not idle any more: taken in this same loop pass (the selector handed out this
+        # callback before the taker set its own): the taker owns the socket now, and
+        # finds the close itself (and tries again on a new connection).
         idle = self.idle.get(p.model)
-        if idle is not None and p in idle:
-            idle.remove(p)
+        if idle is None or p not in idle:
+            return
+        idle.remove(p)
         self._close(p)
 
     def _close(self, p: Pooled) -> None:

@@ -103,7 +103,7 @@ class Upstream:
         self._extra = False
         self._keep_alive = False
         self._framed = True           # Content-Length or chunked; else the close ends it
-        self._hold_head = False
+        self._head = None             # (status, headers) held for the first body bytes
 
     def _connect(self) -> None:
         self.reused = False
@@ -183,13 +183,22 @@ class Upstream:
         self._status = status
         self.streaming_events = fields.get(b"content-type", b"").startswith(b"text/event-stream")
         self._framed = b"content-length" in fields or b"transfer-encoding" in fields
-        # A head with a body to come is of no use alone: it leaves with the first
-        # bytes of the body (vLLM writes them separately).
-        self._hold_head = b"content-length" in fields and fields[b"content-length"] != b"0"
-        self.started = True
-        self.client.start_response(status, response_headers(headers))
+        head = (status, response_headers(headers))
         if self._head_only:
-            self._complete, self._hold_head = True, False
+            self._complete = True  # the parser cannot know that an answer to HEAD has no body
+        if b"content-length" in fields and fields[b"content-length"] != b"0" \
+                and not self._head_only:
+            # A head with a body to come is of no use alone: it leaves with the first
+            # bytes of the body (vLLM writes them separately), and should the model
+            # die in between, the client still gets a clean 502.
+            self._head = head
+        else:
+            self._send_head(head)
+
+    def _send_head(self, head) -> None:
+        self._head = None
+        self.started = True
+        self.client.start_response(*head)
 
     def on_body(self, body: bytes) -> None:
         if not self._extra:
@@ -238,11 +247,7 @@ class Upstream:
             client.uncork()
             self._fail("the model's server closed the connection mid-response")
             return
-        if self._parts:
-            self._hold_head = False
-            self._flush_parts()
-        elif self._hold_head:
-            return  # still corked: the head waits for its body
+        self._flush_parts()
         client.uncork()
         if client.congested() and not self._paused:
             self._paused = True  # the client reads slower than vLLM writes: let TCP push back
@@ -251,6 +256,8 @@ class Upstream:
 
     def _flush_parts(self) -> None:
         parts, self._parts = self._parts, []
+        if self._head is not None and (parts or self._complete):
+            self._send_head(self._head)
         if parts:
             self.client.send_data(parts[0] if len(parts) == 1 else b"".join(parts))
 
