@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -90,6 +91,26 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".bench-tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def ensure_tool(ctx: Ctx, binary: str, package: str) -> tuple[str, str]:
+    """A Debian tool's path, installed with apt-get if missing -> (path, note)."""
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}")
+                                    else None)
+    if path:
+        return path, ""
+    ctx.say(f"{binary} is missing: apt-get install -y {package}")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    argv = ["apt-get", "install", "-y", "--no-install-recommends", package]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if proc.returncode:
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env)
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    path = shutil.which(binary) or (f"/usr/sbin/{binary}" if os.path.exists(f"/usr/sbin/{binary}")
+                                    else None)
+    if not path:
+        raise RuntimeError(f"cannot install {package}: {proc.stderr.strip()[-300:]}")
+    return path, f"{binary} was missing and was installed with `apt-get install {package}` by this run"
 
 
 def http_call(port: int, method: str, path: str, body: bytes | None = None,

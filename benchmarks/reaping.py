@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import re
 import select
-import shutil
 import signal
 import statistics
 import subprocess
@@ -32,7 +31,7 @@ import sys
 import time
 
 from . import profiling
-from .harness import Ctx, Daemon, alternate, children, percentile, wait_for
+from .harness import Ctx, Daemon, alternate, children, ensure_tool, percentile, wait_for
 from .report import Goal, Row
 
 NAME = "reaping"
@@ -53,21 +52,7 @@ UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc"]
 
 def ensure_tini(ctx: Ctx) -> tuple[str, str]:
     """The tini binary, installed with apt-get if missing -> (path, note)."""
-    path = shutil.which("tini")
-    if path:
-        return path, ""
-    ctx.say("tini is missing: apt-get install -y tini")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    proc = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "tini"],
-                          capture_output=True, text=True, env=env)
-    if proc.returncode:
-        subprocess.run(["apt-get", "update"], capture_output=True, env=env)
-        proc = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "tini"],
-                              capture_output=True, text=True, env=env)
-    path = shutil.which("tini")
-    if not path:
-        raise RuntimeError(f"cannot install tini: {proc.stderr.strip()[-300:]}")
-    return path, "tini was missing and was installed with `apt-get install tini` by this run"
+    return ensure_tool(ctx, "tini", "tini")
 
 
 class Pid1:

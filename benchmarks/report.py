@@ -26,6 +26,7 @@ class Goal:
     limit: float
     unit: str = ""
     strict: bool = False  # ratio goals: "<" instead of "<=" (e.g. "faster than")
+    at_least: bool = False  # ratio goals: ">=" (e.g. "at least 90% of direct")
 
     def judge(self, row: "Row") -> tuple[bool | None, str]:
         stats = summary(row.ratios if self.on == "ratio" else row.a)
@@ -33,12 +34,14 @@ class Goal:
             return None, "not measured"
         got = stats["median"]
         if self.on == "ratio":
-            met = got < self.limit if self.strict else got <= self.limit
+            met = got >= self.limit if self.at_least else \
+                got < self.limit if self.strict else got <= self.limit
+            sign = ">=" if self.at_least else "<" if self.strict else "<="
             digits = 3 if abs(got - self.limit) < 0.01 else 2   # 1.052x, not "1.05x > 1.05x"
             noise = ("; within noise: the p10-p90 of the ratio spans the goal"
                      if stats["n"] > 1 and stats["p10"] <= self.limit <= stats["p90"] else "")
             return met, (f"{'met' if met else 'MISSED'} ({got:.{digits}f}x, goal "
-                         f"{'<' if self.strict else '<='} {self.limit:g}x{noise})")
+                         f"{sign} {self.limit:g}x{noise})")
         met = got < self.limit
         return met, (f"{'met' if met else 'MISSED'} ({fmt(got)} {self.unit} < {self.limit:g} {self.unit}: "
                      f"{got / self.limit:.2f} of the limit)" if met else

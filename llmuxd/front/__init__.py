@@ -15,14 +15,22 @@ import logging
 import time
 
 from .. import launch, metrics
+from .. import states as S
 from ..catalog_values import is_loopback, split_listen
 from .demand import Demand, Task
+from .pool import Pool
 from .proxy import Upstream, request_headers
 from .routes import (FRONT_HEALTH, FRONT_METRICS, FRONT_MODELS, Reply, Route, error, json_reply,
                      models_list, route)
 from .server import FrontServer
 
 log = logging.getLogger(__name__)
+# A model's server that refuses connections while llmuxd still has it active has
+# most likely just died: supervision notices within moments, and the request then
+# waits for the restart in the queue. Until then it is tried again every
+# REFUSED_RETRY; after REFUSED_GRACE it gets its 502.
+REFUSED_RETRY = 0.05
+REFUSED_GRACE = 5.0
 
 
 def metrics_reply(daemon) -> Reply:
@@ -36,6 +44,7 @@ class Front:
         self.server = FrontServer(daemon.reactor, s.host, s.port, self.on_request,
                                   self.abandon)
         self.demand = Demand(daemon, self._dispatch)
+        self.pool = Pool(daemon.reactor, self._keeps)
         self.requests = 0
 
     @property
@@ -60,7 +69,14 @@ class Front:
         self.demand.fail_all("llmuxd is shutting down")
 
     def close(self) -> None:
+        # An answer still running ends as a failure its client can read (a stream: an
+        # error event), not as a bare close that looks like a network fault.
+        for conn in list(self.server.conns):
+            upstream = getattr(conn.task, "upstream", None)
+            if upstream is not None and not upstream.finished:
+                upstream.timed_out("llmuxd stopped before the answer was complete")
         self.server.close()
+        self.pool.close()
 
     # -- what the daemon asks ----------------------------------------------------------
     def in_flight(self, name: str) -> int:
@@ -70,12 +86,19 @@ class Front:
         return sum(self.demand.in_flight.values())
 
     def on_transition(self, name: str, after: str) -> None:
+        if after != S.ACTIVE:
+            self.pool.drop(name)  # drained, asleep, stopped or dead: its connections are over
         self.demand.on_transition(name, after)
+
+    def _keeps(self, name: str) -> bool:
+        rt = self.d.runtimes.get(name)
+        return rt is not None and rt.state == S.ACTIVE and not self.d.shutting_down
 
     def status(self) -> dict:
         return {"listen": self.settings.listen, "queued": self.demand.queued(),
                 "in_flight": {k: v for k, v in self.demand.in_flight.items() if v},
-                "requests": self.requests}
+                "requests": self.requests, "upstream_reused": self.pool.reused,
+                "upstream_idle": self.pool.count()}
 
     # -- one request --------------------------------------------------------------------
     def _authorized(self, headers) -> bool:
@@ -135,7 +158,22 @@ class Front:
         self.d.runtimes[r.model].last_used = time.time()  # LRU: served now
         task.upstream = Upstream(self.d.reactor, host, spec.port, req.method.decode(), r.target,
                                  headers, body, task.conn,
-                                 done=lambda: self.demand.ended(r.model))
+                                 done=lambda: self.demand.ended(r.model),
+                                 pool=self.pool, model=r.model,
+                                 refused=lambda: self._refused(task))
+
+    def _refused(self, task: Task) -> None:
+        task.upstream = None
+        if task.conn.closed:
+            return
+        now = time.monotonic()
+        if task.refused_at is None:
+            task.refused_at = now
+        if now - task.refused_at > REFUSED_GRACE:
+            task.conn.reply_error(502, f"{task.route.model}'s server refused connections for "
+                                       f"{REFUSED_GRACE:g}s")
+            return
+        self.d.reactor.call_later(REFUSED_RETRY, lambda: task.conn.closed or self.demand.admit(task))
 
 
 def upstream_body(spec, body: bytes) -> bytes:

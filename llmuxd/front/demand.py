@@ -90,6 +90,7 @@ class Task:
     arrived: float = field(default_factory=time.monotonic)
     upstream: object = None
     queued: bool = False
+    refused_at: float | None = None   # its model's server first refused it (front.REFUSED_GRACE)
 
 
 class Demand:

@@ -95,13 +95,21 @@ def is_public(path: str) -> bool:
     return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES) and path not in PUBLIC_PREFIXES
 
 
+_names: tuple = (None, {})  # (catalog, its names): a catalog is replaced, never changed
+
+
 def names_of(catalog) -> dict[str, str]:
-    """Every name a client may send -> the catalog name."""
+    """Every name a client may send -> the catalog name. Built once per catalog, not
+    once per request."""
+    global _names
+    if _names[0] is catalog:
+        return _names[1]
     names = {}
     for name, spec in catalog.models.items():
         names[name] = name
         for alias in spec.aliases:
             names.setdefault(alias, name)
+    _names = (catalog, names)
     return names
 
 

@@ -158,10 +158,21 @@ class Conn:
         if not self.closed and data:
             self._write(self.h11.send(h11.Data(data=data)))
 
+    def cork(self) -> None:
+        """Hold what is written until uncork() or end_response(): one send, not several."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        if self._corked:
+            self._corked = False
+            if self.out and not self.closed:
+                self._flush()
+
     def end_response(self) -> None:
         if self.closed:
             return
         self.task = None
+        self._corked = False
         self._write(self.h11.send(h11.EndOfMessage()))
         if self.out and not self.closed:
             self._flush()
@@ -185,7 +196,7 @@ class Conn:
 
     # -- writing ------------------------------------------------------------------
     def _write(self, data: bytes) -> None:
-        if self.closed or data is None:
+        if self.closed or not data:  # None, or the empty end of a Content-Length body
             return
         if not self.out and not self._corked:  # the common case: straight out, no copy
             try:

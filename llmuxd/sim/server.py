@@ -87,6 +87,7 @@ def parse_args(argv):
 class SimServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 2048  # uvicorn's backlog; socketserver's 5 drops a burst's SYNs
 
     def __init__(self, args):
         host = args.host
