@@ -96,6 +96,7 @@ class Llmuxd:
                       f"sleep_level = {m.get('level', 4)}",
                       f"checkpoint_sleep = {m.get('checkpoint_sleep', 1)}",
                       *([f'gpu_memory = "{m["gpu_memory"]}"'] if "gpu_memory" in m else []),
+                      *([f"gpus = {json.dumps(m['gpus'])}"] if "gpus" in m else []),
                       "args = " + json.dumps(["--enforce-eager", "--gpu-memory-utilization",
                                               str(m["util"]), "--max-model-len", "2048"]),
                       "env = " + "{ " + ", ".join(f'{k} = "{v}"' for k, v in ENV.items()) + " }"]
@@ -292,6 +293,7 @@ def resident(work: Path, model: Path, criu: str, plugin_dir: str, rec: Recorder)
     from openai import OpenAI
     models = {n: {"path": str(model), "port": 18120 + i, "util": 0.18, "level": 1,
                   "gpu_memory": "27GiB"} for i, n in enumerate("abc")}
+    models["c"]["gpus"] = [0]  # CUDA_VISIBLE_DEVICES=0 and CUDA_DEVICE_ORDER=PCI_BUS_ID
     d = Llmuxd(work, models, criu, plugin_dir,
                daemon_extra=('gpu_memory = "64GiB"', "[daemon.front]", f'listen = "{FRONT}"'))
     d.start()
@@ -305,7 +307,8 @@ def resident(work: Path, model: Path, criu: str, plugin_dir: str, rec: Recorder)
     def snapshot() -> dict:
         st = d.call({"cmd": "status"})
         return {"resident": st.get("resident"), "gpu": st.get("gpu"),
-                "models": {n: {k: m.get(k) for k in ("state", "pid", "gpu_measured", "level")}
+                "models": {n: {k: m.get(k) for k in ("state", "pid", "gpu_measured", "current_level",
+                                                     "gpus")}
                            for n, m in st["models"].items()}}
     try:
         ref = {}

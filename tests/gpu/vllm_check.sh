@@ -6,9 +6,10 @@
 #   tests/gpu/vllm_check.sh part N        (N = 0..6, carrying .vllm/parts/N)
 #   tests/gpu/vllm_check.sh cycle OUTDIR  (carrying .gpu: installs, then levels 1-4, adoption)
 #   tests/gpu/vllm_check.sh weights OUTDIR [VARIANTS] (KV-heavy model, both CRIU modes)
+#   tests/gpu/vllm_check.sh resident OUTDIR (three models, two resident, the front + openai)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
-what=${1:?part N | cycle OUT | weights OUT [VARIANTS]}
+what=${1:?part N | cycle OUT | weights OUT [VARIANTS] | resident OUT}
 
 setup() {
     if [ ! -x /tmp/site/bin/vllm ]; then
@@ -34,6 +35,11 @@ cycle)
     out=${2:?OUT}
     python3 tests/gpu/vllm_check.py cycle --criu /tmp/criu/bin/criu --plugin-dir /tmp/llmux-vllm/no-plugin \
         --out "$out/cycle.jsonl" --budget 520 ;;
+resident)
+    setup || exit 1
+    out=${2:?OUT}
+    python3 tests/gpu/vllm_check.py resident --criu /tmp/criu/bin/criu --plugin-dir /tmp/criu/lib/criu \
+        --out "$out/resident.jsonl" --budget 540 ;;
 weights)
     setup || exit 1
     out=${2:?OUT}
