@@ -111,5 +111,16 @@ class CatalogWatcher:
                 log.error("catalog watcher stopped: %s", exc)
                 return
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop the thread and wait for it: a watchfiles (Rust) thread still inside
+        watch() while the interpreter tears down crashed llmuxd with SIGSEGV after a
+        clean shutdown (Python 3.12, on the GPU machine). False if it did not end."""
         self._stop.set()
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        if thread.is_alive():
+            log.warning("catalog watcher did not stop within %.0fs", timeout)
+            return False
+        return True

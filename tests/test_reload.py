@@ -172,3 +172,19 @@ def test_configmap_volume_catalog_hot_reloads(make_daemon):
              what="models.d/z.toml in, x.toml out, from the second update")
     assert d.status()["config"]["error"] is None
     assert d.swap("z")["ok"]
+
+
+def test_watcher_thread_has_ended_when_stop_returns(tmp_path):
+    """No watchfiles thread may outlive the loop into the interpreter's teardown (a
+    clean shutdown ended in SIGSEGV on Python 3.12 with the thread still in watch())."""
+    import threading
+
+    from llmuxd.watch import CatalogWatcher
+    (tmp_path / "llmux.toml").write_text("# x\n")
+    w = CatalogWatcher(str(tmp_path / "llmux.toml"), lambda: None)
+    w.start()
+    time.sleep(0.3)  # inside watchfiles.watch()
+    t0 = time.monotonic()
+    assert w.stop() is True
+    assert time.monotonic() - t0 < 5
+    assert not [t for t in threading.enumerate() if t.name == "catalog-watcher"]
