@@ -124,3 +124,14 @@ def test_openai_client_uses_two_models_in_turn(make_daemon, monkeypatch):
     with pytest.raises(openai.BadRequestError):
         client.post("/completions", body=None, cast_to=object,
                     options={"headers": {"Content-Type": "application/json"}})
+
+
+def test_pooled_connection_closed_by_an_idle_model_is_not_an_error(make_daemon):
+    """vLLM closes keep-alive connections idle for 5 s (llmux-sim as well; 1 s here):
+    the front's pooled connection is then dead, and the next request must not see it."""
+    d = front_daemon(make_daemon, {"a": {"env": {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "1"}}})
+    for _ in range(3):
+        status, _, body = complete(d, "a")
+        assert status == 200, body
+        time.sleep(1.4)  # past the model's keep-alive: it closed the pooled connection
+    assert swaps_to(d, "a") == 1

@@ -609,3 +609,18 @@ def test_tp_larger_than_the_gpu_count_fails_start(start_sim):
     err = sim.err.read_text()
     assert "Engine core initialization failed" in err and f"needs {_gpus() + 1} GPUs" in err
     assert group_pids(sim.proc.pid) == []
+
+
+def test_idle_keep_alive_connection_is_closed_after_5_s_as_uvicorn_does(start_sim):
+    """vLLM's uvicorn closes a keep-alive connection idle for 5 s (seen under the front's
+    pool on the GPU machine); a request in progress keeps its connection."""
+    sim = start_sim(env={"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "1"})
+    conn = http.client.HTTPConnection("127.0.0.1", sim.port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().read() is not None
+    conn.request("GET", "/health")  # at once: the same connection serves it
+    assert conn.getresponse().status == 200
+    sock = conn.sock
+    time.sleep(1.6)
+    assert sock.recv(1) == b""  # the server closed it: EOF
+    conn.close()

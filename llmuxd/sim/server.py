@@ -128,7 +128,21 @@ def openai_error(status, message, kind):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # as uvicorn: head and body must not wait for an ACK
-    timeout = 60  # an idle keep-alive connection must not pin a thread forever
+    timeout = 60  # a request that stalls half way must not pin a thread forever
+    # vLLM's uvicorn closes a keep-alive connection idle for 5 s between requests
+    # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE): a proxy that pools connections meets closed ones.
+    keep_alive = float(os.environ.get("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "5"))
+
+    def handle(self):
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.connection.settimeout(self.keep_alive)  # waiting for the next request
+            self.handle_one_request()
+
+    def parse_request(self):
+        self.connection.settimeout(self.timeout)  # the request line came: its rest may take longer
+        return super().parse_request()
 
     ROUTES = {  # path: (method, handler suffix, needs VLLM_SERVER_DEV_MODE)
         "/health": ("GET", "health", False),
@@ -200,6 +214,8 @@ class Handler(BaseHTTPRequestHandler):
             print(f'INFO:     {host}:{port} - "{self.requestline}" {int(code)}', flush=True)
 
     def log_message(self, fmt, *args):
+        if fmt.startswith("Request timed out"):
+            return  # an idle keep-alive connection closed: uvicorn says nothing either
         print("WARNING: " + fmt % args, flush=True)
 
     # --- vLLM routes ---------------------------------------------------------
