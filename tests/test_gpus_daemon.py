@@ -128,3 +128,21 @@ def test_check_refuses_bad_gpu_lists(make_daemon):
     assert any("models.e.gpus: GPU 3 is listed twice" in e for e in errors), r.stderr
     assert any("models.f.gpus[0]: must be between 0 and 1023, got -1" in e for e in errors)
     assert all(e.startswith(str(d.config)) for e in errors)  # FILE:LINE: message, one line each
+
+
+def test_a_stopped_model_moved_to_another_gpu_by_a_reload_is_placed_there(make_daemon):
+    """Review: a stopped model kept the definition of its last run in specs_in_use, so
+    after a reload moved it to GPU 1 its swap claimed and made room on GPU 0, and it
+    started on GPU 1 beside b over the budget."""
+    models = {"a": {"gpu_memory": "50GiB", "gpus": [0]},
+              "b": {"gpu_memory": "50GiB", "gpus": [1]}}
+    d = make_daemon(models, {"gpu_memory": "80GiB"})
+    assert d.swap("a")["ok"] and d.call({"cmd": "stop", "model": "a"})["ok"]
+    assert d.swap("b")["ok"]
+    d.config.write_text(d.config.read_text().replace("gpus = [0]", "gpus = [1]"))
+    assert d.call({"cmd": "reload"})["ok"]
+    assert d.status()["models"]["a"]["gpus"] == [1]
+    reply = d.swap("a")
+    assert reply["ok"], reply
+    st = d.status()
+    assert st["resident"] == ["a"] and st["models"]["b"]["state"] != "active", st["resident"]
