@@ -29,7 +29,7 @@ __all__ = ["CRIU", "EVERYTHING", "universe", "gpus_of", "size_of", "resident_set
            "placement_for", "model_claim", "swap_claim", "conflicts"]
 
 CRIU = "criu"
-EVERYTHING = None  # the claim of adoption, shutdown and removal: conflicts with any job
+EVERYTHING = None  # the claim of adoption and shutdown: conflicts with any job
 
 
 def universe(view: View) -> frozenset:

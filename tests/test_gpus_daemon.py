@@ -146,3 +146,22 @@ def test_a_stopped_model_moved_to_another_gpu_by_a_reload_is_placed_there(make_d
     assert reply["ok"], reply
     st = d.status()
     assert st["resident"] == ["a"] and st["models"]["b"]["state"] != "active", st["resident"]
+
+
+def test_a_model_removed_while_asleep_goes_while_a_swap_runs_on_another_gpu(make_daemon):
+    """Review: removal waited for no job at all (`self.job is None`), so a sleeping
+    model removed from the catalog stayed while any job ran on any GPU."""
+    models = {"a": {"gpu_memory": "30GiB", "gpus": [0], "args": ["--start-delay", "8"]},
+              "b": {"gpu_memory": "30GiB", "gpus": [1]}}
+    d = make_daemon(models, {"gpu_memory": "80GiB"})
+    assert d.swap("b")["ok"] and d.call({"cmd": "sleep", "model": "b"})["ok"]
+    thread = threading.Thread(target=d.swap, args=("a",))
+    thread.start()
+    try:
+        wait_for(lambda: d.status()["jobs"], timeout=5, what="the swap to a running")
+        d.config.write_text(d.config.read_text().split("\n[models.b]")[0] + "\n")
+        assert d.call({"cmd": "reload"})["ok"]
+        wait_for(lambda: "b" not in d.status()["models"], timeout=5, what="b removed")
+        assert [j["model"] for j in d.status()["jobs"]] == ["a"]  # while a still starts
+    finally:
+        thread.join()
