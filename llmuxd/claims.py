@@ -29,7 +29,7 @@ __all__ = ["CRIU", "EVERYTHING", "universe", "gpus_of", "size_of", "resident_set
            "placement_for", "model_claim", "swap_claim", "conflicts"]
 
 CRIU = "criu"
-EVERYTHING = None  # the claim of adoption, shutdown and removal: conflicts with any job
+EVERYTHING = None  # the claim of adoption and shutdown: conflicts with any job
 
 
 def universe(view: View) -> frozenset:
@@ -41,6 +41,15 @@ def gpus_of(view: View, name: str) -> frozenset:
     """The GPUs `name` holds memory on (its process's definition when one runs)."""
     gpus = spec_of(view, name).gpus
     return frozenset(gpus) if gpus else universe(view)
+
+
+def _claimed_gpus(view: View, name: str) -> frozenset:
+    """gpus_of and, when a reload moved the model meanwhile, the GPUs of the catalog's
+    definition too: a job that restarts it (restart, recovery, a swap to a sleeper with
+    restart_pending) starts it there."""
+    spec = view.catalog.models.get(name)
+    later = frozenset(spec.gpus) if spec is not None and spec.gpus else universe(view)
+    return gpus_of(view, name) | later
 
 
 def size_of(view: View, name: str) -> int | None:
@@ -92,7 +101,7 @@ def _may_use_criu(view: View, name: str, level: int | None = None) -> bool:
 def model_claim(view: View, name: str, level: int | None = None) -> frozenset:
     """sleep, stop, restart and recovery of one model: its GPUs (and CRIU if it may
     be dumped, restored or its images discarded)."""
-    claim = set(gpus_of(view, name))
+    claim = set(_claimed_gpus(view, name))
     if _may_use_criu(view, name, level):
         claim.add(CRIU)
     return frozenset(claim)
@@ -102,7 +111,7 @@ def swap_claim(view: View, target: str) -> frozenset:
     """The target's GPUs and those of every model the swap may put to sleep, stop, or
     bring back in a rollback: exactly what placement names now."""
     touched = [target, *placement_for(view, target).evict, *stray_holders(view, target)]
-    claim = set().union(*(gpus_of(view, n) for n in touched))
+    claim = set().union(*(_claimed_gpus(view, n) for n in touched))
     if any(_may_use_criu(view, n) for n in touched):
         claim.add(CRIU)
     return frozenset(claim)

@@ -172,7 +172,7 @@ class Daemon(Supervision, CatalogReload):
             self.watcher.changed.clear()
             log.info("catalog changed on disk: reloading")
             self.reload()
-        if self.job is None and not self.shutting_down:
+        if not self.shutting_down:
             self.remove_pending()
 
     def save_state(self) -> None:

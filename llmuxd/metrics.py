@@ -164,8 +164,11 @@ def render(d) -> bytes:
     t.family("llmuxd_jobs_total", "counter",
              "jobs ended, by kind (swap, sleep, stop, restart, recover, ...) and result "
              "(ok, degraded, failed)", ("kind", "result"), sorted(stats.jobs.items()))
-    t.family("llmuxd_job_running", "gauge", "1 while a job runs", ("kind",),
-             [((d.job.kind,), 1)] if d.job is not None else [])
+    running: dict[str, int] = {}
+    for job in d.jobs:  # jobs on disjoint GPUs run at once: count them all
+        running[job.kind] = running.get(job.kind, 0) + 1
+    t.family("llmuxd_job_running", "gauge", "jobs running now, by kind", ("kind",),
+             [((k,), n) for k, n in sorted(running.items())])
     t.histogram("llmuxd_swap_duration_seconds", "swaps, by target model and result",
                 ("model", "result"), stats.swaps)
     t.histogram("llmuxd_phase_duration_seconds",

@@ -15,6 +15,7 @@ import logging
 from . import states as S
 from .access import Access
 from .catalog import Catalog, CatalogError, load_catalog
+from .claims import model_claim
 from .swap import stop_plan
 
 log = logging.getLogger("llmuxd.daemon")
@@ -106,13 +107,15 @@ class CatalogReload:
 
     def remove_pending(self) -> None:
         """Models removed from the catalog while they had a process: forget those now
-        stopped, stop one that is asleep at last (one job at a time)."""
+        stopped, stop one that is asleep at last. Jobs on other GPUs do not hold it up;
+        one that may use the model (its GPUs, its name) does."""
         for name, rt in list(self.runtimes.items()):
-            if not rt.extra.get("removal_pending"):
+            if not rt.extra.get("removal_pending") or any(j.model == name for j in self.jobs):
                 continue
             if rt.state in (S.STOPPED, S.FAILED):
                 self._forget(name)
             elif rt.state in S.ASLEEP:  # swapped away at last: now it can go
-                self.start_job("remove", name, stop_plan(self, name),
-                               on_done=lambda job, name=name: self._forget(name))
-                return
+                claim = model_claim(self, name)
+                if self.runner.conflicting(claim) is None:
+                    self.start_job("remove", name, stop_plan(self, name), claim=claim,
+                                   on_done=lambda job, name=name: self._forget(name))

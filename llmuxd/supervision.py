@@ -128,6 +128,10 @@ class Supervision:
         """Hook for every state change (the state file and notifications attach here)."""
         if after != S.ADOPTING:  # settled (or being stopped): from now on the record is ours
             self.unadopted.pop(name, None)
+        if after in (S.STOPPED, S.FAILED):
+            # No process runs it now: the catalog's definition is the one that counts
+            # (its gpus above all: claims and placement read them before it starts).
+            self.specs_in_use.pop(name, None)
         if after not in UNPERSISTED:
             self.save_state()
         if self.front is not None:

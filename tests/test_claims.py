@@ -129,3 +129,27 @@ def test_check_warns_about_a_gpu_nvml_does_not_see():
         in warnings[0]
     assert launch.gpu_index_warnings(cat, count=8) == []
     assert "NVML sees no GPU" in launch.gpu_index_warnings(cat, count=0)[0]
+
+
+class InUseView(FakeView):
+    """A view whose running processes keep the definition they were started with."""
+
+    def __init__(self, cat, states, in_use):
+        super().__init__(cat, states)
+        self.in_use = in_use
+
+    def spec_in_use(self, name):
+        return self.in_use.get(name) or self.catalog.models[name]
+
+
+def test_a_model_moved_by_a_reload_claims_the_gpus_it_will_start_on():
+    """Review: `restart a` after a reload moved a from GPU 0 to GPU 1 claimed GPU 0 only
+    and started a on GPU 1 while a swap there ran."""
+    old = box(("a", 40, [0], 1), ("b", 40, [1], 1))
+    new = box(("a", 40, [1], 1), ("b", 40, [1], 1))
+    v = InUseView(new, {"a": S.ACTIVE}, {"a": old.models["a"]})
+    v.runtimes["a"].extra["restart_pending"] = True
+    assert gpus_of(v, "a") == {0}                       # where its process runs now
+    assert model_claim(v, "a") == {0, 1}                # and where its restart puts it
+    v.runtimes["a"].state = S.SLEEPING
+    assert swap_claim(v, "a") == {0, 1}                 # bring_up restarts it: GPU 1 too

@@ -128,3 +128,40 @@ def test_check_refuses_bad_gpu_lists(make_daemon):
     assert any("models.e.gpus: GPU 3 is listed twice" in e for e in errors), r.stderr
     assert any("models.f.gpus[0]: must be between 0 and 1023, got -1" in e for e in errors)
     assert all(e.startswith(str(d.config)) for e in errors)  # FILE:LINE: message, one line each
+
+
+def test_a_stopped_model_moved_to_another_gpu_by_a_reload_is_placed_there(make_daemon):
+    """Review: a stopped model kept the definition of its last run in specs_in_use, so
+    after a reload moved it to GPU 1 its swap claimed and made room on GPU 0, and it
+    started on GPU 1 beside b over the budget."""
+    models = {"a": {"gpu_memory": "50GiB", "gpus": [0]},
+              "b": {"gpu_memory": "50GiB", "gpus": [1]}}
+    d = make_daemon(models, {"gpu_memory": "80GiB"})
+    assert d.swap("a")["ok"] and d.call({"cmd": "stop", "model": "a"})["ok"]
+    assert d.swap("b")["ok"]
+    d.config.write_text(d.config.read_text().replace("gpus = [0]", "gpus = [1]"))
+    assert d.call({"cmd": "reload"})["ok"]
+    assert d.status()["models"]["a"]["gpus"] == [1]
+    reply = d.swap("a")
+    assert reply["ok"], reply
+    st = d.status()
+    assert st["resident"] == ["a"] and st["models"]["b"]["state"] != "active", st["resident"]
+
+
+def test_a_model_removed_while_asleep_goes_while_a_swap_runs_on_another_gpu(make_daemon):
+    """Review: removal waited for no job at all (`self.job is None`), so a sleeping
+    model removed from the catalog stayed while any job ran on any GPU."""
+    models = {"a": {"gpu_memory": "30GiB", "gpus": [0], "args": ["--start-delay", "8"]},
+              "b": {"gpu_memory": "30GiB", "gpus": [1]}}
+    d = make_daemon(models, {"gpu_memory": "80GiB"})
+    assert d.swap("b")["ok"] and d.call({"cmd": "sleep", "model": "b"})["ok"]
+    thread = threading.Thread(target=d.swap, args=("a",))
+    thread.start()
+    try:
+        wait_for(lambda: d.status()["jobs"], timeout=5, what="the swap to a running")
+        d.config.write_text(d.config.read_text().split("\n[models.b]")[0] + "\n")
+        assert d.call({"cmd": "reload"})["ok"]
+        wait_for(lambda: "b" not in d.status()["models"], timeout=5, what="b removed")
+        assert [j["model"] for j in d.status()["jobs"]] == ["a"]  # while a still starts
+    finally:
+        thread.join()

@@ -183,3 +183,24 @@ def test_a_taken_metrics_port_is_a_one_line_error(make_daemon):
         stranger.close()
     assert f"llmuxd: daemon.metrics_listen 127.0.0.1:{port}: Address already in use" \
         in d.daemon_log()
+
+
+def test_job_running_counts_every_concurrent_job():
+    """Review: with jobs on disjoint GPUs at once, llmuxd_job_running showed the newest
+    only (a swap on GPU 0 beside a sleep on GPU 1 read as the sleep alone)."""
+    from types import SimpleNamespace
+
+    from llmuxd import metrics
+    from llmuxd import states as S
+    from llmuxd.runner import Job
+
+    jobs = [Job("swap", "a", None), Job("swap", "b", None), Job("sleep", "c", None)]
+    spec = SimpleNamespace(sleep_level=1, gpu_memory=None)
+    d = SimpleNamespace(runtimes={n: S.Runtime(n) for n in "abc"}, started_wall=0.0,
+                        spec_in_use=lambda n: spec, resident=lambda: [],
+                        catalog=SimpleNamespace(daemon=SimpleNamespace(gpu_memory=None)),
+                        stats=metrics.Stats(), jobs=jobs, job=jobs[-1], front=None,
+                        config_error=None, state_error=None)
+    samples = parse(metrics.render(d).decode())
+    assert value(samples, "llmuxd_job_running", kind="swap") == 2
+    assert value(samples, "llmuxd_job_running", kind="sleep") == 1
