@@ -148,7 +148,9 @@ class Daemon(Supervision, CatalogReload):
 
     def _start_next(self, targets: list[str]) -> None:
         """One swap after the other (they may share a GPU), then READY=1."""
-        if not targets or self.shutting_down:
+        if self.shutting_down:
+            return  # STOPPING=1 was sent: no READY=1 after it
+        if not targets:
             self.notifier.ready(self.status_line())
             return
         target, rest = targets[0], targets[1:]
