@@ -79,6 +79,9 @@ class Reactor:
         except (KeyError, ValueError):
             self.selector.register(fileobj, event, [on_read, on_write])
             return
+        if key.events & event:  # only the callback changes: no epoll_ctl, no new key
+            key.data[0 if on_read else 1] = on_read or on_write
+            return
         r, w = key.data
         data = [on_read or r, on_write or w]
         self.selector.modify(fileobj, key.events | event, data)
