@@ -8,11 +8,11 @@ import time
 
 import pytest
 
+from llmuxd.front.http1 import Request, response_head
 from llmuxd.front.routes import Reply
 from llmuxd.front.server import FrontServer
-from llmuxd.loop import Reactor
 
-from test_front_units import loop  # noqa: F401  (the reactor on its own thread)
+from .test_front_units import loop  # noqa: F401  (the reactor on its own thread)
 
 
 def echo(conn) -> None:
@@ -146,3 +146,27 @@ def test_too_many_pipelined_requests_in_one_read_are_refused(loop):  # noqa: F81
     server = start(loop)
     got = exchange(server, b"GET /p HTTP/1.1\r\nHost: x\r\n\r\n" * 200)
     assert b" 429 " in got and got.count(b"HTTP/1.1 200 ") <= 65
+
+
+def request(version="1.1", method=b"GET", keep=True) -> Request:
+    r = Request()
+    r.http_version, r.method, r.keep_alive = version, method, keep
+    return r
+
+
+@pytest.mark.parametrize("status, headers, req, chunked, left, keep", [
+    (200, [("Content-Length", "5")], request(), False, 5, True),
+    (200, [], request(), True, -1, True),                      # no length: chunked
+    (200, [], request("1.0"), False, -1, False),               # 1.0: the close ends it
+    (204, [], request(), False, 0, True),
+    (200, [(b"content-length", b"9")], request(method=b"HEAD"), False, 0, True),
+    (200, [("Connection", "close"), ("Content-Length", "0")], request(), False, 0, False),
+    (400, [("Content-Length", "3")], None, False, 3, False),  # never parsed: close after
+])
+def test_response_head_framing(status, headers, req, chunked, left, keep):
+    head, got_chunked, got_left, got_keep = response_head(status, headers, req, True)
+    assert (got_chunked, got_left, got_keep) == (chunked, left, keep)
+    assert head.startswith(b"HTTP/1.1 %d " % status) and head.endswith(b"\r\n\r\n")
+    assert (b"Connection: close\r\n" in head) == (not keep)
+    assert (b"Transfer-Encoding: chunked\r\n" in head) == chunked
+    assert head.count(b"Connection:") <= 1

@@ -9,24 +9,22 @@ and body) goes to `on_request(conn)`; what it means is the front's business.
 
 Requests are parsed by httptools (llhttp, in C; uvicorn's parser), as the
 models' answers are in proxy.py: h11 in pure Python cost ~160 us of the loop's
-~600 us per proxied request here. What h11 did besides parsing is done below,
-and only that: the keep-alive decision, HEAD, `Expect: 100-continue`, framing
-of answers (Content-Length, else chunked, else close-delimited for HTTP/1.0),
-a Host header for HTTP/1.1, and pipelined requests answered strictly in order.
+~600 us per proxied request here. HTTP/1.1's rules for the answers are in
+http1.py; here, the request side's: a Host header for HTTP/1.1,
+`Expect: 100-continue`, and pipelined requests answered strictly in order.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import socket
-from http import HTTPStatus
 import time
 from typing import Callable
 
 import httptools
 
 from ..loop import Outbox
+from .http1 import CONTINUE, BadHeader, Refusal, Request, response_head
 from .routes import Reply, error
 
 log = logging.getLogger(__name__)
@@ -42,31 +40,7 @@ KEEPALIVE_TIMEOUT = 75.0         # idle between requests
 SEND_STALL = 120.0               # a client that reads nothing of its answer this long
 SWEEP = 1.0
 
-_STATUS_LINES = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in HTTPStatus}
-# What may not be repeated in a header we send (a model's server is no more trusted
-# than a client): a CR, LF or NUL in a value, anything but a token in a name.
-_BAD_VALUE = re.compile(rb"[\x00\r\n]")
-_BAD_NAME = re.compile(rb"[^!#$%&'*+\-.^_`|~0-9A-Za-z]")
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 IDLE, READING, WAITING, ANSWERING = "idle", "reading", "waiting", "answering"
-
-
-class Request:
-    """One parsed request: method and target as sent, headers with lower-case names."""
-    __slots__ = ("method", "target", "headers", "http_version", "keep_alive")
-
-    def __init__(self) -> None:
-        self.method = b""
-        self.target = b""
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.http_version = "1.1"
-        self.keep_alive = True
-
-
-class _Refusal(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 class Conn:
@@ -144,18 +118,18 @@ class Conn:
             if in_head and self._in_head:
                 self._head_size += len(data)
                 if self._head_size > MAX_HEADERS:
-                    raise _Refusal(431, f"the request head is over {MAX_HEADERS} bytes")
+                    raise Refusal(431, f"the request head is over {MAX_HEADERS} bytes")
         except httptools.HttpParserUpgrade:  # no protocol switch: close after the answer
             for req, _ in self._ready:
                 req.keep_alive = False
             self._broken = self._broken or (0, "")
         except httptools.HttpParserCallbackError as exc:
             why = exc.__context__
-            self._broken = (why.status, str(why)) if isinstance(why, _Refusal) else \
+            self._broken = (why.status, str(why)) if isinstance(why, Refusal) else \
                 (400, f"malformed request: {exc}")
         except httptools.HttpParserError as exc:
             self._broken = (400, f"malformed request: {exc}")
-        except _Refusal as exc:
+        except Refusal as exc:
             self._broken = (exc.status, str(exc))
         self._next()
 
@@ -203,25 +177,25 @@ class Conn:
                 host = value
         # the parser bounds nothing: a head that arrived whole is measured here
         if size > MAX_HEADERS:
-            raise _Refusal(431, f"the request head is over {MAX_HEADERS} bytes")
+            raise Refusal(431, f"the request head is over {MAX_HEADERS} bytes")
         if host is None and req.http_version == "1.1":
-            raise _Refusal(400, "malformed request: missing mandatory Host header")
+            raise Refusal(400, "malformed request: missing mandatory Host header")
         if length is not None and int(length) > MAX_BODY:
-            raise _Refusal(413, f"the body is over {MAX_BODY} bytes")
+            raise Refusal(413, f"the body is over {MAX_BODY} bytes")
         if expect is not None and expect.lower() == b"100-continue" \
                 and req.http_version == "1.1" and self.phase == READING and not self._ready:
-            self.outbox.write(_CONTINUE)  # the client waits for this before its body
+            self.outbox.write(CONTINUE)  # the client waits for this before its body
 
     def on_body(self, body: bytes) -> None:
         self._req_body += body
         if len(self._req_body) > MAX_BODY:
-            raise _Refusal(413, f"the body is over {MAX_BODY} bytes")
+            raise Refusal(413, f"the body is over {MAX_BODY} bytes")
 
     def on_message_complete(self) -> None:
         self._ready.append((self._req, self._req_body))
         self._req = None
         if len(self._ready) > 64:  # one recv of tiny pipelined requests: a flood, not a client
-            raise _Refusal(429, "too many pipelined requests")
+            raise Refusal(429, "too many pipelined requests")
 
     def _refuse(self, status: int, message: str) -> None:
         """An answer to a request we will not read on: send it, then close."""
@@ -252,43 +226,14 @@ class Conn:
         self._set_phase(ANSWERING)
         req = self.request
         keep = req is not None and req.keep_alive and not self.close_when_flushed
-        length = None
-        lines = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
-        for name, value in headers:
-            name = name if isinstance(name, bytes) else name.encode("latin-1")
-            value = value if isinstance(value, bytes) else value.encode("latin-1")
-            lname = name.lower()
-            if lname == b"content-length":
-                length = value
-            elif lname == b"connection":
-                if b"close" in value.lower():
-                    keep = False
-                continue  # ours to say, below
-            elif lname == b"transfer-encoding":
-                continue  # ours to choose, below
-            if _BAD_NAME.search(name) or _BAD_VALUE.search(value):
-                log.warning("%r: cannot send the response: header %r", self, name[:80])
-                self.abort()  # a header vLLM sent that must not be repeated
-                return
-            lines.append(b"%s: %s\r\n" % (name, value))
-        self._chunked = False
-        self._left = -1
-        if status < 200 or status in (204, 304):
-            self._left = 0
-        elif length is not None:
-            self._left = int(length)
-        elif req is not None and req.http_version == "1.1":
-            self._chunked = True
-            lines.append(b"Transfer-Encoding: chunked\r\n")
-        else:
-            keep = False  # HTTP/1.0 and no length: the close ends the body
-        if req is not None and req.method == b"HEAD":
-            self._left, self._chunked = 0, False  # the head describes a body never sent
+        try:
+            head, self._chunked, self._left, keep = response_head(status, headers, req, keep)
+        except BadHeader as exc:  # one a model's server sent: it must not reach the client
+            log.warning("%r: cannot send the response: %s", self, exc)
+            self.abort()
+            return
         self._must_close = not keep
-        if not keep:
-            lines.append(b"Connection: close\r\n")
-        lines.append(b"\r\n")
-        self.outbox.write(b"".join(lines))
+        self.outbox.write(head)
 
     def send_data(self, data: bytes) -> None:
         if self.closed or not data or self.phase != ANSWERING:
@@ -347,9 +292,6 @@ class Conn:
 
     def congested(self) -> bool:
         return len(self.outbox) > HIGH_WATER
-
-    def _flush(self) -> None:
-        self.outbox.flush()
 
     def close(self) -> None:
         if self.closed:
@@ -453,5 +395,5 @@ class FrontServer:
     def close(self) -> None:
         self.stop_listening()
         for conn in list(self.conns):
-            conn._flush()
+            conn.outbox.flush()
             conn.close()
