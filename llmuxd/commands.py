@@ -229,7 +229,7 @@ class Commands:
                     data = f.read(256 * 1024)
             except OSError:
                 continue
-            if len(client.out) > STREAM_QUEUE:
+            if len(client.outbox) > STREAM_QUEUE:
                 continue  # a slow reader: read on once it has caught up, never queue more
             if data:
                 entry[1] = offset + len(data)
@@ -265,7 +265,7 @@ def stream(client, name: str, text: str, done) -> None:
     def pump() -> None:
         while chunks and not client.closed:
             client.send({"event": "log", "model": name, "text": chunks.pop()})
-            if len(client.out) > STREAM_QUEUE:
+            if len(client.outbox) > STREAM_QUEUE:
                 client.on_drained = pump  # control.Client calls it once the queue is sent
                 return
         if not client.closed:

@@ -18,6 +18,7 @@ import time
 from typing import Callable
 
 from . import trust
+from .loop import Outbox
 from .protocol import MAX_LINE, LineBuffer, ProtocolError, encode
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,9 @@ class Client:
         self.server = server
         self.sock = sock
         self.buffer = LineBuffer(MAX_LINE)
-        self.out = bytearray()
+        self.outbox = Outbox(server.reactor, sock, self.close)
         self.closed = False
-        self.close_when_flushed = False
         self.busy = False          # waiting on a job or following logs: not idle
-        self.on_drained: Callable[[], None] | None = None  # streaming: queue empty, send more
         self.last_active = time.monotonic()
         self.partial_since: float | None = None  # when an unfinished request line began
         try:
@@ -62,15 +61,25 @@ class Client:
             pass
         return found
 
+    @property
+    def on_drained(self) -> Callable[[], None] | None:
+        return self.outbox.on_drained
+
+    @on_drained.setter
+    def on_drained(self, more: Callable[[], None] | None) -> None:  # streaming: queue sent
+        self.outbox.on_drained = more
+
+    def close_when_flushed(self) -> None:
+        self.outbox.on_flushed = self.close
+        self._flush()
+
     def send(self, obj: dict) -> None:
         if self.closed:
             return
-        self.out += encode(obj)
-        if len(self.out) > MAX_QUEUED:
+        self.outbox.write(encode(obj))
+        if len(self.outbox) > MAX_QUEUED:
             log.warning("dropping %r: it does not read its replies", self)
             self.close()
-            return
-        self._flush()
 
     def finish(self, obj: dict) -> None:
         """Send the final reply of a request; the connection stays open for more."""
@@ -78,23 +87,7 @@ class Client:
         self.send(obj)
 
     def _flush(self) -> None:
-        while self.out and not self.closed:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                self.server.reactor.add_writer(self.sock, self._flush)
-                return
-            except OSError:
-                self.close()
-                return
-            del self.out[:sent]
-        if not self.closed:
-            self.server.reactor.remove_writer(self.sock)
-            if self.on_drained is not None:
-                more, self.on_drained = self.on_drained, None
-                more()
-            if self.close_when_flushed and not self.out:
-                self.close()
+        self.outbox.flush()
 
     def on_readable(self) -> None:
         try:
@@ -115,8 +108,7 @@ class Client:
                 self.partial_since = None
         except ProtocolError as exc:
             self.send({"ok": False, "error": str(exc)})
-            self.close_when_flushed = True
-            self._flush()
+            self.close_when_flushed()
             return
         for line in lines:
             if self.closed:
@@ -126,7 +118,7 @@ class Client:
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
+        self.closed = self.outbox.closed = True
         self.server.reactor.forget(self.sock)
         self.sock.close()
         self.server.clients.discard(self)

@@ -79,6 +79,9 @@ class Reactor:
         except (KeyError, ValueError):
             self.selector.register(fileobj, event, [on_read, on_write])
             return
+        if key.events & event:  # only the callback changes: no epoll_ctl, no new key
+            key.data[0 if on_read else 1] = on_read or on_write
+            return
         r, w = key.data
         data = [on_read or r, on_write or w]
         self.selector.modify(fileobj, key.events | event, data)
@@ -181,6 +184,87 @@ class Reactor:
             callback()
         except Exception:  # a bug in one handler must not take the GPU box down
             log.exception("unhandled error in event handler %r", callback)
+
+
+class Outbox:
+    """The unsent bytes of one non-blocking stream socket, written as the peer takes them.
+
+    The control socket and the HTTP front both answer peers that may read slowly or
+    never (llmuxd is root: they are hostile): nothing here blocks, and a writer is
+    registered with the reactor only while bytes wait, so a send that completes at
+    once costs no selector call. `on_drained` fires once (then is cleared) when the
+    backlog falls to `low_water`: a streaming producer's cue to send more.
+    `corked`: writes are held, then leave in one send at flush(). The owner bounds
+    the backlog (it knows whether to drop the peer or to stop producing)."""
+
+    __slots__ = ("reactor", "sock", "buf", "low_water", "corked", "closed", "last_sent",
+                 "on_drained", "on_flushed", "_on_error", "_writing")
+
+    def __init__(self, reactor: Reactor, sock, on_error: Callable[[], None],
+                 low_water: int = 0) -> None:
+        self.reactor, self.sock, self._on_error = reactor, sock, on_error
+        self.buf = bytearray()
+        self.low_water = low_water
+        self.corked = False
+        self.closed = False               # the owner closed the socket: write nothing more
+        self.last_sent = time.monotonic()  # when the peer last took bytes
+        self.on_drained: Callable[[], None] | None = None
+        self.on_flushed: Callable[[], None] | None = None  # everything sent (close after it)
+        self._writing = False
+
+    def __len__(self) -> int:
+        return len(self.buf)
+
+    def write(self, data) -> None:
+        if self.closed or not data:
+            return
+        if self.buf or self.corked:
+            self.buf += data
+            return
+        try:  # the common case: straight out, no copy
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._on_error()
+            return
+        if sent:
+            self.last_sent = time.monotonic()
+        if sent < len(data):
+            self.buf += memoryview(data)[sent:]
+            self._wait()
+
+    def flush(self) -> None:
+        while self.buf and not self.closed:
+            try:
+                sent = self.sock.send(self.buf)
+            except (BlockingIOError, InterruptedError):
+                self._wait()
+                return
+            except OSError:
+                self._on_error()
+                return
+            self.last_sent = time.monotonic()
+            del self.buf[:sent]
+            self._drained()
+        if self.closed:
+            return
+        if self._writing:
+            self._writing = False
+            self.reactor.remove_writer(self.sock)
+        self._drained()
+        if self.on_flushed is not None and not self.buf and not self.closed:
+            self.on_flushed()
+
+    def _drained(self) -> None:
+        if self.on_drained is not None and len(self.buf) <= self.low_water and not self.closed:
+            more, self.on_drained = self.on_drained, None
+            more()
+
+    def _wait(self) -> None:
+        if not self._writing:
+            self._writing = True
+            self.reactor.add_writer(self.sock, self.flush)
 
 
 def _noop(signum, frame) -> None:  # the wakeup fd does the work

@@ -186,7 +186,7 @@ def test_slow_client_slows_its_upstream_and_nothing_piles_up(loop):
     time.sleep(1.0)  # the client reads nothing meanwhile
     sent_while_stalled = upstream.sent
     assert sent_while_stalled < 16 * 1024 * 1024, sent_while_stalled  # TCP buffers, not 64 MiB
-    assert len(conns[0].out) <= HIGH_WATER + 65536 * 2
+    assert len(conns[0].outbox) <= HIGH_WATER + 65536 * 2
     received = 0
     while chunk := s.recv(1 << 20):
         received += len(chunk)

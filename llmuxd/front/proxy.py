@@ -1,10 +1,10 @@
 """One request forwarded to a model's server, its answer streamed back to the client.
 
-The model's side is parsed by httptools (llhttp, uvicorn's parser: C), not h11:
-h11 in pure Python cost ~200 us of the loop per proxied request on these
-cores, more than everything else the front does for it. The request is
-serialized here: every byte of it was already validated by h11 on the
-client's side, or is ours.
+The model's side is parsed by httptools (llhttp, uvicorn's parser: C), as the
+client's side is in server.py: h11 in pure Python cost ~200 us of the loop per
+proxied request on these cores, more than everything else the front does for
+it. The request is serialized here: every byte of it was already validated by
+llhttp on the client's side, or is ours.
 
 The request goes out on a keep-alive connection of its model from the pool
 (pool.py) or on a fresh one; a clean end gives the connection back. A client
@@ -40,7 +40,7 @@ HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"tra
 
 
 def request_headers(headers, host: str, port: int, body: bytes, strip_auth: bool) -> list:
-    """(name, value) bytes for the model's server; `headers` as h11 parsed them
+    """(name, value) bytes for the model's server; `headers` as server.py parsed them
     (lower-case names). No "Connection: close": HTTP/1.1 keeps it, for the pool."""
     out = [(b"host", f"{host}:{port}".encode()), (b"content-length", b"%d" % len(body))]
     for name, value in headers:
@@ -56,7 +56,7 @@ def request_bytes(method: bytes, target: bytes, headers, body: bytes) -> bytes:
 
 
 def response_headers(headers) -> list:
-    # Content-Length passes: h11 frames the body by it; without one, h11 chunks it.
+    # Content-Length passes: server.py frames the body by it; without one, it chunks it.
     return [(n, v) for n, v in headers if n not in HOP_BY_HOP or n == b"content-length"]
 
 

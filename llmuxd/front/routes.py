@@ -11,6 +11,7 @@ decode to "/" never passes at all.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import time
@@ -72,6 +73,7 @@ def json_reply(status: int, obj) -> Reply:
     return Reply(status, json.dumps(obj).encode(), (("Content-Type", "application/json"),))
 
 
+@functools.lru_cache(maxsize=256)  # pure; clients send the same few targets over and over
 def split_target(target: str) -> tuple[str, str] | None:
     """(decoded path, "?query" or "") of a request target, or None when the path could
     mean something else to the server than to us."""

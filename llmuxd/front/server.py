@@ -1,4 +1,4 @@
-"""The front's HTTP/1.1 server: listening, one h11 connection per client, limits.
+"""The front's HTTP/1.1 server: listening, one parser per client connection, limits.
 
 Runs on llmuxd's one selector loop and never blocks it: sockets are
 non-blocking, replies are queued on the connection and written as the socket
@@ -6,18 +6,25 @@ allows. Every client is hostile (llmuxd is root): headers, bodies, the number
 of connections, a request's arrival time (slowloris), idle keep-alives, a
 client that never reads its answer: all bounded. A complete request (headers
 and body) goes to `on_request(conn)`; what it means is the front's business.
+
+Requests are parsed by httptools (llhttp, in C; uvicorn's parser), as the
+models' answers are in proxy.py: h11 in pure Python cost ~160 us of the loop's
+~600 us per proxied request here. HTTP/1.1's rules for the answers are in
+http1.py; here, the request side's: a Host header for HTTP/1.1,
+`Expect: 100-continue`, and pipelined requests answered strictly in order.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
-from http import HTTPStatus
 import time
 from typing import Callable
 
-import h11
+import httptools
 
+from ..loop import Outbox
+from .http1 import CONTINUE, BadHeader, Refusal, Request, response_head
 from .routes import Reply, error
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,6 @@ KEEPALIVE_TIMEOUT = 75.0         # idle between requests
 SEND_STALL = 120.0               # a client that reads nothing of its answer this long
 SWEEP = 1.0
 
-_REASONS = {s.value: s.phrase.encode() for s in HTTPStatus}
 IDLE, READING, WAITING, ANSWERING = "idle", "reading", "waiting", "answering"
 
 
@@ -42,23 +48,44 @@ class Conn:
         self.server = server
         self.sock = sock
         self.peer = peer
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADERS)
+        self.parser = httptools.HttpRequestParser(self)
         self.phase = IDLE
         self.since = time.monotonic()     # when the phase began
-        self.last_sent = self.since       # last time the client took bytes
-        self.request: h11.Request | None = None
+        self.request: Request | None = None  # the one being answered
         self.body = bytearray()
-        self.out = bytearray()
+        self.outbox = Outbox(server.reactor, sock, self.close, LOW_WATER)
         self.stash = bytearray()          # read while a request is being answered
         self.closed = False
         self.close_when_flushed = False
-        self._corked = False
-        self.on_drained: Callable[[], None] | None = None
         self.task = None                  # the front's handle for the request in progress
+        # the parser's side: the request being read, those complete but not yet answered
+        self._req: Request | None = None
+        self._req_body = bytearray()
+        self._head_size = 0
+        self._in_head = False
+        self._ready: list[tuple[Request, bytearray]] = []
+        self._broken: tuple[int, str] | None = None  # refuse once the ready ones are answered
+        # the answer's framing
+        self._chunked = False
+        self._left = 0                    # Content-Length bytes still to send; -1: none
+        self._must_close = False
 
     def __repr__(self) -> str:
-        target = self.request.target.decode("latin-1")[:80] if self.request else "-"
+        req = self.request or self._req
+        target = req.target.decode("latin-1")[:80] if req else "-"
         return f"<front client {self.peer[0]}:{self.peer[1]} {target}>"
+
+    @property
+    def last_sent(self) -> float:
+        return self.outbox.last_sent
+
+    @property
+    def on_drained(self) -> Callable[[], None] | None:
+        return self.outbox.on_drained
+
+    @on_drained.setter
+    def on_drained(self, resume: Callable[[], None] | None) -> None:
+        self.outbox.on_drained = resume
 
     def _set_phase(self, phase: str) -> None:
         self.phase, self.since = phase, time.monotonic()
@@ -84,45 +111,96 @@ class Conn:
     def _feed(self, data: bytes) -> None:
         if self.phase == IDLE:
             self._set_phase(READING)
+        in_head = self._in_head
         try:
-            self.h11.receive_data(data)
-            self._events()
-        except h11.RemoteProtocolError as exc:
-            self._refuse(exc.error_status_hint, f"malformed request: {exc}")
+            self.parser.feed_data(data)
+            # A head that stays incomplete is bounded by the bytes it took so far.
+            if in_head and self._in_head:
+                self._head_size += len(data)
+                if self._head_size > MAX_HEADERS:
+                    raise Refusal(431, f"the request head is over {MAX_HEADERS} bytes")
+        except httptools.HttpParserUpgrade:  # no protocol switch: close after the answer
+            for req, _ in self._ready:
+                req.keep_alive = False
+            self._broken = self._broken or (0, "")
+        except httptools.HttpParserCallbackError as exc:
+            why = exc.__context__
+            self._broken = (why.status, str(why)) if isinstance(why, Refusal) else \
+                (400, f"malformed request: {exc}")
+        except httptools.HttpParserError as exc:
+            self._broken = (400, f"malformed request: {exc}")
+        except Refusal as exc:
+            self._broken = (exc.status, str(exc))
+        self._next()
 
-    def _events(self) -> None:
-        while self.phase == READING and not self.closed:
-            event = self.h11.next_event()
-            if event is h11.NEED_DATA or event is h11.PAUSED:
-                return
-            if isinstance(event, h11.Request):
-                self.request, self.body = event, bytearray()
-                # h11 bounds only an incomplete head; one that arrived whole is checked here.
-                if len(event.target) + sum(len(n) + len(v) + 4 for n, v in event.headers) \
-                        > MAX_HEADERS:
-                    self._refuse(431, f"the request head is over {MAX_HEADERS} bytes")
-                    return
-                length = dict(event.headers).get(b"content-length")
-                if length is not None and int(length) > MAX_BODY:
-                    self._refuse(413, f"the body is over {MAX_BODY} bytes")
-                    return
-                if self.h11.they_are_waiting_for_100_continue:
-                    self._write(self.h11.send(h11.InformationalResponse(status_code=100,
-                                                                         headers=[])))
-            elif isinstance(event, h11.Data):
-                self.body += event.data
-                if len(self.body) > MAX_BODY:
-                    self._refuse(413, f"the body is over {MAX_BODY} bytes")
-                    return
-            elif isinstance(event, h11.EndOfMessage):
-                self._set_phase(WAITING)
-                self.server.on_request(self)
-            elif isinstance(event, h11.ConnectionClosed):
+    def _next(self) -> None:
+        """Answer the next complete request, if none is being answered."""
+        if self.closed or self.phase in (WAITING, ANSWERING):
+            return
+        if self._ready:
+            self.request, self.body = self._ready.pop(0)
+            self._set_phase(WAITING)
+            self.server.on_request(self)
+        elif self._broken is not None:
+            status, message = self._broken
+            if status:
+                self._refuse(status, message)
+            else:
                 self.close()
+
+    # httptools' callbacks, during feed_data
+    def on_message_begin(self) -> None:
+        self._req, self._req_body = Request(), bytearray()
+        self._head_size, self._in_head = 0, True
+
+    def on_url(self, url: bytes) -> None:
+        self._req.target += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._req.headers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        req, parser = self._req, self.parser
+        self._in_head = False
+        req.method = parser.get_method()
+        req.http_version = parser.get_http_version()
+        req.keep_alive = parser.should_keep_alive() and req.http_version == "1.1"
+        size = len(req.target)
+        length = expect = host = None
+        for name, value in req.headers:
+            size += len(name) + len(value) + 4
+            if name == b"content-length":
+                length = value
+            elif name == b"expect":
+                expect = value
+            elif name == b"host":
+                host = value
+        # the parser bounds nothing: a head that arrived whole is measured here
+        if size > MAX_HEADERS:
+            raise Refusal(431, f"the request head is over {MAX_HEADERS} bytes")
+        if host is None and req.http_version == "1.1":
+            raise Refusal(400, "malformed request: missing mandatory Host header")
+        if length is not None and int(length) > MAX_BODY:
+            raise Refusal(413, f"the body is over {MAX_BODY} bytes")
+        if expect is not None and expect.lower() == b"100-continue" \
+                and req.http_version == "1.1" and self.phase == READING and not self._ready:
+            self.outbox.write(CONTINUE)  # the client waits for this before its body
+
+    def on_body(self, body: bytes) -> None:
+        self._req_body += body
+        if len(self._req_body) > MAX_BODY:
+            raise Refusal(413, f"the body is over {MAX_BODY} bytes")
+
+    def on_message_complete(self) -> None:
+        self._ready.append((self._req, self._req_body))
+        self._req = None
+        if len(self._ready) > 64:  # one recv of tiny pipelined requests: a flood, not a client
+            raise Refusal(429, "too many pipelined requests")
 
     def _refuse(self, status: int, message: str) -> None:
         """An answer to a request we will not read on: send it, then close."""
-        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        self._ready.clear()
+        if self.phase in (IDLE, READING):
             self.close_when_flushed = True
             self.reply(error(status, message), closing=True)
         else:
@@ -133,11 +211,10 @@ class Conn:
         headers = list(reply.headers) + [("Content-Length", str(len(reply.body)))]
         if closing:
             headers.append(("Connection", "close"))
-        self._corked = True  # head and body in one send
+        self.outbox.corked = True  # head and body in one send
         self.start_response(reply.status, headers)
         if self.request is None or self.request.method != b"HEAD":
             self.send_data(reply.body)
-        self._corked = False
         self.end_response()
 
     def reply_error(self, status: int, message: str, retry_after: float | None = None) -> None:
@@ -147,43 +224,65 @@ class Conn:
         if self.closed:
             return
         self._set_phase(ANSWERING)
+        req = self.request
+        keep = req is not None and req.keep_alive and not self.close_when_flushed
         try:
-            self._write(self.h11.send(h11.Response(status_code=status, headers=headers,
-                                                   reason=_REASONS.get(status, b""))))
-        except h11.LocalProtocolError as exc:  # a header vLLM sent that h11 will not repeat
+            head, self._chunked, self._left, keep = response_head(status, headers, req, keep)
+        except BadHeader as exc:  # one a model's server sent: it must not reach the client
             log.warning("%r: cannot send the response: %s", self, exc)
             self.abort()
+            return
+        self._must_close = not keep
+        self.outbox.write(head)
 
     def send_data(self, data: bytes) -> None:
-        if not self.closed and data:
-            self._write(self.h11.send(h11.Data(data=data)))
+        if self.closed or not data or self.phase != ANSWERING:
+            return
+        if self._chunked:
+            self.outbox.write(b"%x\r\n%s\r\n" % (len(data), data))
+            return
+        if self._left >= 0:
+            if len(data) > self._left:  # more than the head announced: the framing is broken
+                log.warning("%r: the answer is longer than its Content-Length", self)
+                self.abort()
+                return
+            self._left -= len(data)
+        self.outbox.write(data)
 
     def cork(self) -> None:
         """Hold what is written until uncork() or end_response(): one send, not several."""
-        self._corked = True
+        self.outbox.corked = True
 
     def uncork(self) -> None:
-        if self._corked:
-            self._corked = False
-            if self.out and not self.closed:
-                self._flush()
+        if self.outbox.corked:
+            self.outbox.corked = False
+            if not self.closed:
+                self.outbox.flush()
 
     def end_response(self) -> None:
         if self.closed:
             return
         self.task = None
-        self._corked = False
-        self._write(self.h11.send(h11.EndOfMessage()))
-        if self.out and not self.closed:
-            self._flush()
-        if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is not h11.DONE:
-            self.close_when_flushed = True  # h11 knows when keep-alive is over
-            self._flush()
+        if self._chunked:
+            self.outbox.write(b"0\r\n\r\n")
+        self.outbox.corked = False
+        if self._left > 0:
+            log.warning("%r: the answer ended %d bytes short of its Content-Length", self,
+                        self._left)
+            self._must_close = True
+        self.outbox.flush()
+        if self.closed:
             return
-        self.h11.start_next_cycle()
+        if self._must_close or self.close_when_flushed:
+            self.close_when_flushed = True  # keep-alive is over
+            self.outbox.on_flushed = self.close
+            self.outbox.flush()
+            return
         self.request = None
-        self._set_phase(IDLE)
-        if self.stash:
+        self._set_phase(READING if self._req is not None else IDLE)
+        if self._ready or self._broken is not None:
+            self._next()
+        elif self.stash:
             data, self.stash = bytes(self.stash), bytearray()
             self.server.reactor.add_reader(self.sock, self.on_readable)
             self._feed(data)
@@ -192,54 +291,12 @@ class Conn:
         self.close()
 
     def congested(self) -> bool:
-        return len(self.out) > HIGH_WATER
-
-    # -- writing ------------------------------------------------------------------
-    def _write(self, data: bytes) -> None:
-        if self.closed or not data:  # None, or the empty end of a Content-Length body
-            return
-        if not self.out and not self._corked:  # the common case: straight out, no copy
-            try:
-                sent = self.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close()
-                return
-            if sent:
-                self.last_sent = time.monotonic()
-            if sent == len(data):
-                return
-            self.out += memoryview(data)[sent:]
-            self.server.reactor.add_writer(self.sock, self._flush)
-            return
-        self.out += data
-
-    def _flush(self) -> None:
-        while self.out and not self.closed:
-            try:
-                sent = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                self.server.reactor.add_writer(self.sock, self._flush)
-                return
-            except OSError:
-                self.close()
-                return
-            self.last_sent = time.monotonic()
-            del self.out[:sent]
-            if len(self.out) < LOW_WATER and self.on_drained is not None:
-                resume, self.on_drained = self.on_drained, None
-                resume()
-        if self.closed:
-            return
-        self.server.reactor.remove_writer(self.sock)
-        if self.close_when_flushed:
-            self.close()
+        return len(self.outbox) > HIGH_WATER
 
     def close(self) -> None:
         if self.closed:
             return
-        self.closed = True
+        self.closed = self.outbox.closed = True
         self.server.conns.discard(self)
         self.server.reactor.forget(self.sock)
         self.sock.close()
@@ -313,7 +370,7 @@ class FrontServer:
                 log.warning("front: %r: request not complete within %gs", conn,
                             self.request_timeout)
                 conn._refuse(408, f"the request did not arrive within {self.request_timeout:g}s")
-            elif conn.out and now - conn.last_sent > self.send_stall:
+            elif conn.outbox and now - conn.last_sent > self.send_stall:
                 log.warning("front: %r reads nothing of its answer: closed", conn)
                 conn.close()
             elif conn.phase == ANSWERING or conn.phase == WAITING and conn.task is not None:
@@ -338,5 +395,5 @@ class FrontServer:
     def close(self) -> None:
         self.stop_listening()
         for conn in list(self.conns):
-            conn._flush()
+            conn.outbox.flush()
             conn.close()
