@@ -1,3 +1,3 @@
-from llmuxd.sim.server import main
+from llmuxd.sim.process import main
 
 main()
