@@ -74,7 +74,7 @@ def size_of(view: View, name: str) -> int | None:
 def resident_set(view: View, exclude: str | None = None) -> list[Resident]:
     """The active models, with their sizes, GPUs and when each was last made active or
     used (LRU order)."""
-    return [Resident(n, size_of(view, n), max(rt.since, rt.last_used), gpus_of(view, n))
+    return [Resident(n, size_of(view, n), rt.used_at, gpus_of(view, n))
             for n, rt in view.runtimes.items() if n != exclude and rt.state == S.ACTIVE]
 
 

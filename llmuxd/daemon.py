@@ -26,7 +26,8 @@ from .loop import Reactor
 from .notify import Notifier
 from .runner import Job, Runner
 from .adopt import adopt_plan
-from .claims import swap_claim
+from .claims import resident_set, swap_claim
+from .placement import lru
 from .reload import CatalogReload
 from .supervision import Supervision
 from .swap import shutdown_plan, swap_plan
@@ -154,9 +155,15 @@ class Daemon(Supervision, CatalogReload):
             self.notifier.ready(self.status_line())
             return
         target, rest = targets[0], targets[1:]
+        claim = swap_claim(self, target)
+        if self.runner.conflicting(claim) is not None:
+            # the front (or a command) got there first on those GPUs: wait for it, as a
+            # restart does, rather than have the runner refuse this swap
+            self.reactor.call_later(0.5, lambda: self._start_next(targets))
+            return
         self.notifier.status(f"starting {target}")
         self.start_job("swap", target, swap_plan(self, target),
-                       on_done=lambda job: self._start_next(rest), claim=swap_claim(self, target))
+                       on_done=lambda job: self._start_next(rest), claim=claim)
 
     def _idle_wait(self) -> float:
         return 30.0  # timers bound the wait anyway; this only caps a quiet loop
@@ -203,8 +210,7 @@ class Daemon(Supervision, CatalogReload):
 
     def resident_by_use(self) -> list[str]:
         """Every active model, least recently used first (as placement counts it)."""
-        return sorted((n for n, rt in self.runtimes.items() if rt.state == S.ACTIVE),
-                      key=lambda n: (max(self.runtimes[n].since, self.runtimes[n].last_used), n))
+        return [r.name for r in lru(resident_set(self))]
 
     def resident(self) -> list[str]:
         """Every active model, least recently activated first."""

@@ -32,7 +32,7 @@ ONE_GPU = frozenset({0})  # the universe of a catalog that names no GPU (v1)
 class Resident:
     name: str
     size: int | None          # bytes on each of its GPUs; None = exclusive
-    last_used: float = 0.0    # monotonic time it was last made active or served
+    last_used: float = 0.0    # wall time it was last made active or used (Runtime.used_at)
     gpus: frozenset | None = None  # None = every GPU of the universe
 
 
@@ -67,7 +67,7 @@ def free_budget(budget: int | None, resident: list[Resident],
     return None if not free or None in free else min(free)
 
 
-def _lru(resident: list[Resident]) -> list[Resident]:
+def lru(resident: list[Resident]) -> list[Resident]:
     # Ties by name so the order is stable whatever order the caller listed them in.
     return sorted(resident, key=lambda r: (r.last_used, r.name))
 
@@ -81,7 +81,7 @@ def place(budget: int | None, resident: list[Resident], target: str,
         return Placement(refused=f"{target} needs {target_size} bytes of GPU memory, more than "
                                  f"the whole budget ({budget} bytes)")
     mine = _on(target_gpus, universe)
-    sharing = [r for r in _lru(resident) if _on(r.gpus, universe) & mine]
+    sharing = [r for r in lru(resident) if _on(r.gpus, universe) & mine]
     if target_size is None or budget is None:
         return Placement(evict=tuple(r.name for r in sharing))
     # Exclusive residents go whatever the sizes say; then LRU among those on a GPU

@@ -103,6 +103,11 @@ class Runtime:
     health_failures: int = 0
     extra: dict = field(default_factory=dict)
 
+    @property
+    def used_at(self) -> float:
+        """What LRU eviction orders by: made active, or asked for since."""
+        return max(self.since, self.last_used)
+
     def as_status(self) -> dict:
         return {"state": self.state, "pid": self.pid, "since": round(self.since, 3),
                 "last_error": self.last_error, "last_error_at": self.last_error_at,

@@ -100,7 +100,6 @@ class Demand:
         self.queue: dict[Task, None] = {}  # insertion-ordered: FIFO with O(1) removal
         self.in_flight: dict[str, int] = {}
         self.active_since: dict[str, float] = {}
-        self.swap_jobs: dict[str, object] = {}   # target -> its running swap job
         self._timer = None
         self._sweeping = False
 
@@ -158,7 +157,7 @@ class Demand:
         for target in targets:
             log.info("front: %d request(s) wait for %s: swapping to it",
                      sum(t.route.model == target for t in self.queue), target)
-            self.swap_jobs[target] = self.d.start_job(
+            self.d.start_job(
                 "swap", target, swap_plan(self.d, target), on_done=self._swap_done,
                 claim=claims[target])
         if wait is not None and self._timer is None:
@@ -172,7 +171,6 @@ class Demand:
         self.pump()
 
     def _swap_done(self, job) -> None:
-        self.swap_jobs.pop(job.model, None)
         if job.ok:
             return  # the next pump dispatches the waiters
         failed = [t for t in self.queue if t.route.model == job.model]
