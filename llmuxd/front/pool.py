@@ -50,12 +50,15 @@ class Pool:
 
     def take(self, model: str, addr: tuple[str, int]) -> Pooled | None:
         """The most recently used idle connection of `model` to `addr`, or None.
-        It stays registered with the reactor: the taker sets its own reader."""
+        Its idle reader goes (a close by the server while a long request is being
+        sent would wake a level-triggered loop on every pass); the taker sets its own
+        once the request is out."""
         idle = self.idle.get(model)
         while idle:
             p = idle.pop()
             if p.addr == addr:
                 self.reused += 1
+                self.reactor.remove_reader(p.sock)
                 return p
             self._close(p)  # the model moved (a reload changed its port)
         return None

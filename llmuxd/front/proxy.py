@@ -159,7 +159,8 @@ class Upstream:
             self._writing = True
             self.reactor.add_writer(self.sock, self._on_writable)
             return
-        if self._writing:  # the common case, all in one send, never registered a writer
+        # The common case, all in one send, never registered a writer; else it goes now.
+        if self._writing:
             self._writing = False
             self.reactor.remove_writer(self.sock)
         self.reactor.add_reader(self.sock, self._on_readable)
